@@ -1,0 +1,35 @@
+"""aggregator: one Flask endpoint that fans out to many slow upstreams concurrently."""
+
+from __future__ import annotations
+
+from aggregator.adapter import AggregatorFlask, ASGIAdapter
+from aggregator.config import AppConfig, load_config
+from aggregator.settings import Settings
+from aggregator.views import aggregates, errors, health
+
+
+def create_app(
+    settings: Settings | None = None, config: AppConfig | None = None
+) -> AggregatorFlask:
+    """Build the Flask app; settings and config are read once here (tests pass their own)."""
+    settings = settings or Settings()
+    config = config or load_config(settings.config)
+    app = AggregatorFlask(__name__, view_threads=settings.threads)
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep config order of sources
+    app.extensions["aggregator.settings"] = settings
+    app.extensions["aggregator.config"] = config
+    errors.init_app(app)
+    app.register_blueprint(health.bp)
+    aggregates.register(app, config)
+    return app
+
+
+def create_asgi_app(
+    settings: Settings | None = None, config: AppConfig | None = None
+) -> ASGIAdapter:
+    """The ASGI application Hypercorn serves."""
+    settings = settings or Settings()
+    return ASGIAdapter(create_app(settings, config), settings)
+
+
+__all__ = ["Settings", "create_app", "create_asgi_app"]

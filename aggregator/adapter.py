@@ -1,0 +1,358 @@
+"""The serving path: Flask (WSGI) behind ASGI without making `async def` views serial.
+
+asgiref's stock `WsgiToAsgi` runs every request of a process on ONE thread (`sync_to_async`
+with `thread_sensitive=True`): ten concurrent requests to a view awaiting 0.5 s take 5 s.
+This adapter answers the ASGI lifespan itself and serves HTTP in one of three modes:
+
+- ``loop`` (default): the WSGI call runs inside a greenlet on the event loop. When Flask
+  reaches an `async def` view, `AggregatorFlask.async_to_sync` switches back to the loop,
+  which awaits the coroutine natively and switches the result back in (the technique of
+  SQLAlchemy's `greenlet_spawn` / `await_only`). A plain `def` view is sent to a bounded thread
+  pool so blocking code never blocks the loop. No thread handoff on the hot path.
+- ``threads``: each request runs in a bounded thread pool via `sync_to_async(
+  thread_sensitive=False, executor=...)`; async views then run on the server loop (asgiref's
+  `AsyncToSync` finds it). The conservative fallback and the benchmark's comparison point.
+- ``serial``: the stock `WsgiToAsgi`, kept only as the benchmark's baseline.
+
+Outside a server (Flask's test client, the CLI) there is no greenlet and no server loop:
+`async_to_sync` falls back to asgiref's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import io
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from inspect import iscoroutinefunction
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import greenlet
+from asgiref.sync import async_to_sync as asgiref_async_to_sync
+from asgiref.sync import sync_to_async
+from asgiref.wsgi import WsgiToAsgi, WsgiToAsgiInstance
+from flask import Flask
+
+from aggregator import upstream
+from aggregator.settings import Settings
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from hypercorn.typing import (
+        ASGIReceiveCallable,
+        ASGISendCallable,
+        HTTPScope,
+        LifespanScope,
+        Scope,
+    )
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Set in the context of a `def` view sent to the pool, so async code it calls goes back to
+#: the server loop (where the shared client lives) instead of a private loop of asgiref's.
+_server_loop: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
+    "aggregator_server_loop", default=None
+)
+
+
+class _RequestGreenlet(greenlet.greenlet):  # type: ignore[misc]  # greenlet ships no stubs
+    """Runs one WSGI call; its parent is the loop-side driver in `greenlet_spawn`."""
+
+
+def _in_request_greenlet() -> bool:
+    return isinstance(greenlet.getcurrent(), _RequestGreenlet)
+
+
+async def greenlet_spawn(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking-style `fn` in a greenlet, awaiting on its behalf whatever it hands us.
+
+    The child switches to us (its parent) with an awaitable; we await it on the loop and switch
+    the result (or exception) back in. A new greenlet would start with an empty context, so it
+    gets a copy of ours; coroutines it hands over run as tasks in *its* context, so the async
+    view sees Flask's request context and its contextvar changes stay with the request.
+    """
+    child = _RequestGreenlet(fn)
+    child.gr_context = contextvars.copy_context()
+    result: Any = child.switch(*args)
+    while not child.dead:
+        try:
+            if asyncio.iscoroutine(result):
+                value = await asyncio.create_task(result, context=child.gr_context)
+            else:
+                value = await result
+        except BaseException:
+            # Includes CancelledError (client gone): Flask unwinds its contexts, then it re-raises.
+            result = child.throw(*sys.exc_info())
+        else:
+            result = child.switch(value)
+    return cast(T, result)
+
+
+def await_only(awaitable: Awaitable[T]) -> T:
+    """From inside a request greenlet, wait for `awaitable` on the loop (switches to the driver)."""
+    current = greenlet.getcurrent()
+    if not isinstance(current, _RequestGreenlet):
+        raise RuntimeError("await_only() called outside a request greenlet")
+    return cast(T, current.parent.switch(awaitable))
+
+
+async def _in_context(coro: Coroutine[Any, Any, T], ctx: contextvars.Context) -> T:
+    return await asyncio.create_task(coro, context=ctx)
+
+
+class AggregatorFlask(Flask):
+    """Flask that awaits async views on the server loop and keeps `def` views off it."""
+
+    def __init__(self, *args: Any, view_threads: int = 64, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Threads start lazily, so an app that never serves a `def` view in loop mode has none.
+        self.view_pool = ThreadPoolExecutor(view_threads, thread_name_prefix="aggregator-view")
+
+    def async_to_sync(self, func: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+        """Await on the server loop when there is one; otherwise defer to asgiref."""
+
+        @functools.wraps(func)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if _in_request_greenlet():
+                return await_only(func(*args, **kwargs))
+            loop = _server_loop.get()
+            if loop is not None:
+                # A `def` view in the pool called async code: run it on the server loop, in
+                # this thread's context. It must never need a pool thread back (deadlock).
+                coro = _in_context(func(*args, **kwargs), contextvars.copy_context())
+                return asyncio.run_coroutine_threadsafe(coro, loop).result()
+            return asgiref_async_to_sync(func)(*args, **kwargs)
+
+        return run
+
+    def add_url_rule(
+        self,
+        rule: str,
+        endpoint: str | None = None,
+        view_func: Callable[..., Any] | None = None,
+        provide_automatic_options: bool | None = None,
+        **options: Any,
+    ) -> None:
+        """Register views; `def` views are wrapped to run in the pool when on the loop."""
+        if view_func is not None and not iscoroutinefunction(view_func):
+            view_func = self._offloaded(view_func)
+        super().add_url_rule(rule, endpoint, view_func, provide_automatic_options, **options)
+
+    def _offloaded(self, view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if not _in_request_greenlet():
+                return view(*args, **kwargs)  # threads/serial mode or test client: already off-loop
+            loop = asyncio.get_running_loop()
+            ctx = contextvars.copy_context()
+            ctx.run(_server_loop.set, loop)
+            call = functools.partial(ctx.run, view, *args, **kwargs)
+            return await_only(loop.run_in_executor(self.view_pool, call))
+
+        return run
+
+
+_Response = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+class ASGIAdapter:
+    """The ASGI application Hypercorn serves: lifespan plus HTTP in the configured mode."""
+
+    def __init__(self, app: AggregatorFlask, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.mode = settings.mode
+        self._request_pool: ThreadPoolExecutor | None = None
+        self._serial: Callable[..., Awaitable[None]] | None = None
+        if self.mode == "threads":
+            self._request_pool = ThreadPoolExecutor(
+                settings.threads, thread_name_prefix="aggregator-request"
+            )
+        elif self.mode == "serial":
+            # Stock asgiref, deliberately: the benchmark's "textbook recipe" baseline.
+            self._serial = WsgiToAsgi(app)  # type: ignore[no-untyped-call]  # asgiref is untyped
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] == "http":
+            if self._serial is not None:
+                await self._serial(scope, receive, send)
+            else:
+                await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:  # websocket: refuse the handshake (Hypercorn answers 403)
+            await send({"type": "websocket.close", "code": 1003, "reason": None})
+
+    # -- lifespan -------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Open per-process resources on the server loop."""
+        await upstream.open_shared_client(self.settings)
+
+    async def shutdown(self) -> None:
+        """Close what startup opened; pools finish in-flight work first."""
+        await upstream.close_shared_client()
+        loop = asyncio.get_running_loop()
+        for pool in (self.app.view_pool, self._request_pool):
+            if pool is not None:
+                await loop.run_in_executor(None, pool.shutdown)
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[ASGIAdapter]:
+        """Startup/shutdown for callers that do not speak the lifespan protocol (tests)."""
+        await self.startup()
+        try:
+            yield self
+        finally:
+            await self.shutdown()
+
+    async def _lifespan(
+        self, scope: LifespanScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    logger.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- http -----------------------------------------------------------------------------
+
+    async def _http(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+        environ = self._environ(scope, body)
+        task = asyncio.current_task()
+        assert task is not None
+        disconnected = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(receive, task, disconnected))
+        try:
+            if self._request_pool is not None:
+                run = sync_to_async(
+                    self._call_wsgi, thread_sensitive=False, executor=self._request_pool
+                )
+                response = await run(environ)
+            else:
+                response = await greenlet_spawn(self._call_wsgi, environ)
+        except asyncio.CancelledError:
+            if not disconnected.is_set():
+                raise
+            task.uncancel()  # the client left: nobody to answer, and that is not an error
+            return
+        finally:
+            watcher.cancel()
+        status, headers, payload = response
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload, "more_body": False})
+
+    async def _read_body(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> bytes | None:
+        """The whole request body, or None after answering 413 (or if the client left)."""
+        limit = self.settings.max_request_body
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await _send_too_large(send, limit)
+                return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = cast(bytes, message.get("body", b""))
+            size += len(chunk)
+            if size > limit:
+                await _send_too_large(send, limit)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _environ(self, scope: HTTPScope, body: bytes) -> WSGIEnvironment:
+        # Reuse asgiref's environ building rather than re-writing it; it reads only `scope`.
+        builder = WsgiToAsgiInstance(None)  # type: ignore[no-untyped-call]  # asgiref is untyped
+        builder.scope = scope
+        environ: WSGIEnvironment = builder.build_environ(  # type: ignore[no-untyped-call]
+            scope, io.BytesIO(body)
+        )
+        return environ
+
+    def _call_wsgi(self, environ: WSGIEnvironment) -> _Response:
+        """Run Flask's WSGI callable to completion (in a greenlet or a pool thread)."""
+        started: list[tuple[str, list[tuple[str, str]]]] = []
+
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Callable[[bytes], object]:
+            started[:] = [(status, headers)]
+            return _no_write
+
+        result: Iterable[bytes] = self.app(environ, cast("StartResponse", start_response))
+        try:
+            payload = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        status, headers = started[0]
+        raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        return int(status.split(" ", 1)[0]), raw, payload
+
+
+def _no_write(data: bytes) -> object:
+    raise RuntimeError("the WSGI write() callable is not supported")
+
+
+async def _watch_disconnect(
+    receive: ASGIReceiveCallable, task: asyncio.Task[Any], disconnected: asyncio.Event
+) -> None:
+    """Cancel the request's task when the client goes away, ending its fan-out promptly."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            disconnected.set()
+            task.cancel()
+            return
+
+
+async def _send_too_large(send: ASGISendCallable, limit: int) -> None:
+    body = json.dumps(
+        {
+            "error": "Payload Too Large",
+            "message": f"the request body is larger than {limit} bytes",
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,160 @@
+"""The `aggregator` command: serve, demo, check-config; each calls one library function."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from aggregator.config import load_config
+from aggregator.errors import ConfigError
+from aggregator.log import configure_logging
+
+DEMO_HOST = "127.0.0.1"
+DEMO_PORT = 8101
+
+#: `serve` flags that override hypercorn.toml, only when actually given: flag -> Config attribute.
+_HYPERCORN_FLAGS = {"bind": "bind", "workers": "workers"}
+
+
+def worker_app() -> Any:
+    """The app each Hypercorn worker process builds (settings come from AGGREGATOR_* vars)."""
+    from aggregator import create_asgi_app
+
+    configure_logging()
+    return create_asgi_app()
+
+
+@click.group(context_settings={"auto_envvar_prefix": "AGGREGATOR"})
+def main() -> None:
+    """Aggregate many slow upstream services into one fast Flask endpoint."""
+
+
+@main.command("check-config")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+def check_config(file: Path) -> None:
+    """Validate FILE without serving; exit 0 when usable, 1 with the problems otherwise."""
+    try:
+        config = load_config(file)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    click.echo(
+        f"{file}: ok ({len(config.upstreams)} upstreams, {len(config.aggregates)} aggregates: "
+        + ", ".join(f"{a.path}" for a in config.aggregates.values())
+        + ")"
+    )
+
+
+@main.command()
+@click.option("--host", default=DEMO_HOST, show_default=True, help="Loopback address to bind.")
+@click.option("--port", default=DEMO_PORT, show_default=True, type=int)
+@click.option("--latency", default=0.1, show_default=True, type=float, help="Default delay, s.")
+@click.option("--jitter", default=0.0, show_default=True, type=float, help="Extra random delay.")
+@click.option("--failure-rate", default=0.0, show_default=True, type=float, help="0..1 -> 503.")
+def demo(host: str, port: int, latency: float, jitter: float, failure_rate: float) -> None:
+    """Run only the slow demo upstream services (what the bundled config aggregates)."""
+    from aggregator.demo.server import Knobs, run_demo
+
+    run_demo(host, port, Knobs(latency=latency, jitter=jitter, failure_rate=failure_rate))
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML config; default: $AGGREGATOR_CONFIG, else the bundled demo.",
+)
+@click.option("--bind", "-b", multiple=True, help="host:port to listen on (repeatable).")
+@click.option("--workers", "-w", type=click.IntRange(min=1), help="Worker processes.")
+@click.option(
+    "--mode",
+    type=click.Choice(["loop", "threads", "serial"]),
+    help="How Flask runs under ASGI (default loop).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["aiohttp", "httpx"]),
+    help="Upstream connection engine (default aiohttp).",
+)
+@click.option(
+    "--hypercorn-config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default="hypercorn.toml",
+    show_default=True,
+    help="Hypercorn settings file; used when it exists.",
+)
+def serve(
+    config_file: Path | None,
+    bind: tuple[str, ...],
+    workers: int | None,
+    mode: str | None,
+    engine: str | None,
+    hypercorn_config: Path,
+) -> None:
+    """Serve the configured aggregates with Hypercorn (starts the demo services if no config)."""
+    try:
+        load_config(config_file)  # fail here, once, with a readable message; workers re-read it
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    for name, value in (("CONFIG", config_file), ("MODE", mode), ("ENGINE", engine)):
+        if value is not None:
+            os.environ[f"AGGREGATOR_{name}"] = str(value)
+    given = {"bind": list(bind) or None, "workers": workers}
+    with _demo_if_needed(config_file):
+        sys.exit(run_server(hypercorn_config, given))
+
+
+def run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
+    """Run Hypercorn with the file's settings plus the flags actually given."""
+    from hypercorn.config import Config
+    from hypercorn.run import run
+
+    config = Config.from_toml(hypercorn_config) if hypercorn_config.is_file() else Config()
+    if not hypercorn_config.is_file():
+        config.bind = ["127.0.0.1:8000"]
+        config.accesslog = "-"
+    for flag, attribute in _HYPERCORN_FLAGS.items():
+        if overrides.get(flag) is not None:
+            setattr(config, attribute, overrides[flag])
+    config.application_path = "aggregator.cli:worker_app()"
+    click.echo(
+        f"aggregator serving on {', '.join(config.bind)} "
+        f"(mode={os.environ.get('AGGREGATOR_MODE', 'loop')}, workers={config.workers})"
+    )
+    return run(config)
+
+
+@contextlib.contextmanager
+def _demo_if_needed(config_file: Path | None) -> Iterator[None]:
+    """With no config of its own, the service aggregates the demo: make sure it is up."""
+    if config_file is not None or os.environ.get("AGGREGATOR_CONFIG"):
+        yield
+        return
+    url = os.environ.get("AGGREGATOR_DEMO_URL", f"http://{DEMO_HOST}:{DEMO_PORT}")
+    if _answers(url):
+        click.echo(f"using the demo services already running at {url}")
+        yield
+        return
+    from aggregator.demo.process import start_demo_process
+
+    port = httpx.URL(url).port or DEMO_PORT
+    with start_demo_process(DEMO_HOST, port) as proc:
+        os.environ["AGGREGATOR_DEMO_URL"] = proc.url
+        click.echo(f"started the demo services at {proc.url}")
+        yield
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=0.5, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,293 @@
+"""The TOML config (upstreams and aggregates), validated once at start-up with readable errors.
+
+Unknown keys are errors, not ignored: a typo such as `timout` would otherwise silently keep the
+default. `${VAR}` and `${VAR:-default}` in URLs and header values are expanded from the
+environment at load time; a missing variable stops start-up. Header values are secrets: no
+message built here ever includes them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aggregator.errors import ConfigError, InvalidRequestError
+from aggregator.urltemplate import UrlTemplate
+
+ParamType = Literal["str", "int", "float", "bool"]
+ParamValue = str | int | float | bool
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+MAX_PARAM_LENGTH = 1024
+RESERVED_PATHS = frozenset({"/healthz"})
+
+
+def expand_env(value: str) -> str:
+    """Replace `${VAR}` / `${VAR:-default}`; a missing variable without default is an error."""
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name)
+        if found is None:
+            if default is None:
+                raise ValueError(f"environment variable {name} is not set")
+            return default
+        return found
+
+    return _ENV_REF.sub(sub, value)
+
+
+def parse_value(kind: ParamType, raw: object) -> ParamValue:
+    """Convert a raw query-string (or TOML default) value to its declared type."""
+    if kind == "str":
+        if not isinstance(raw, str):
+            raise ValueError("must be a string")
+        if raw == "":
+            raise ValueError("must not be empty")
+        if len(raw) > MAX_PARAM_LENGTH:
+            raise ValueError(f"must be at most {MAX_PARAM_LENGTH} characters")
+        return raw
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ValueError("must be a boolean (true/false, 1/0, yes/no, on/off)")
+    if isinstance(raw, bool):
+        raise ValueError(f"must be {'an integer' if kind == 'int' else 'a number'}")
+    if kind == "int":
+        if isinstance(raw, int):
+            return raw
+        text = str(raw).strip()
+        if not re.fullmatch(r"[+-]?\d{1,18}", text):
+            raise ValueError("must be an integer")
+        return int(text)
+    try:
+        number = float(raw) if isinstance(raw, int | float) else float(str(raw).strip())
+    except ValueError:
+        raise ValueError("must be a number") from None
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number")
+    return number
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ParamSpec(_Strict):
+    """One query parameter: its type and, when optional, its default."""
+
+    type: ParamType
+    default: ParamValue | None = None
+
+    @model_validator(mode="after")
+    def _coerce_default(self) -> ParamSpec:
+        if self.default is not None:
+            object.__setattr__(self, "default", parse_value(self.type, self.default))
+        return self
+
+
+class UpstreamConfig(_Strict):
+    """One upstream service (`[upstreams.NAME]`)."""
+
+    url: str
+    #: Bounds the whole call, connect to last body byte.
+    timeout: float = Field(default=5.0, gt=0, le=300)
+    #: Connect phase alone; defaults to the whole timeout.
+    connect_timeout: float | None = Field(default=None, gt=0, le=300)
+    schema_: str | None = Field(default=None, alias="schema", pattern=r"^[\w.]+:\w+$")
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url", mode="after")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        value = expand_env(value)
+        UrlTemplate.parse(value)
+        return value
+
+    @field_validator("headers", mode="after")
+    @classmethod
+    def _expand_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        expanded: dict[str, str] = {}
+        for name, raw in value.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            text = expand_env(raw)
+            if any(c in text for c in "\r\n\0"):
+                raise ValueError(f"value of header {name} contains a line break")
+            expanded[name] = text
+        return expanded
+
+    @cached_property
+    def template(self) -> UrlTemplate:
+        return UrlTemplate.parse(self.url)
+
+    @cached_property
+    def model(self) -> type[BaseModel] | None:
+        """The pydantic model the payload must satisfy, imported once at load."""
+        if self.schema_ is None:
+            return None
+        module_name, _, attr = self.schema_.partition(":")
+        module = importlib.import_module(module_name)
+        model = getattr(module, attr)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise TypeError(f"{self.schema_} is not a pydantic model")
+        return model
+
+
+class AggregateConfig(_Strict):
+    """One aggregated endpoint (`[aggregates.NAME]`)."""
+
+    path: str = Field(pattern=r"^/[A-Za-z0-9_./-]*$")
+    sources: list[str] = Field(min_length=1)
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+    deadline: float = Field(default=10.0, gt=0, le=600)
+    required: list[str] = Field(default_factory=list)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _short_params(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: {"type": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @field_validator("params", mode="after")
+    @classmethod
+    def _param_names(cls, value: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not a valid parameter name")
+        return value
+
+    def parse_params(self, args: Mapping[str, list[str]]) -> dict[str, ParamValue]:
+        """Typed parameters from a query string; InvalidRequestError names the first bad one."""
+        values: dict[str, ParamValue] = {}
+        for name, spec in self.params.items():
+            given = args.get(name)
+            if not given:
+                if spec.default is None:
+                    raise InvalidRequestError(name, f"required {spec.type} parameter is missing")
+                values[name] = spec.default
+                continue
+            if len(given) > 1:
+                raise InvalidRequestError(name, "given more than once")
+            try:
+                values[name] = parse_value(spec.type, given[0])
+            except ValueError as exc:
+                raise InvalidRequestError(name, str(exc)) from None
+        return values
+
+
+class AppConfig(_Strict):
+    """The whole file: upstreams and the aggregates built from them."""
+
+    upstreams: dict[str, UpstreamConfig]
+    aggregates: dict[str, AggregateConfig]
+
+    @field_validator("upstreams", "aggregates", mode="after")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not re.fullmatch(_NAME, name):
+                raise ValueError(f"{name!r} is not a valid name (letters, digits, _ and -)")
+        return value
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _pydantic_problems(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors(include_input=False, include_url=False):
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        problems.append(f"{_location(err['loc'])}: {msg.removeprefix('Value error, ')}")
+    return problems
+
+
+def _cross_problems(config: AppConfig) -> list[str]:
+    """What single-field validation cannot see: references between sections."""
+    problems: list[str] = []
+    for name, up in config.upstreams.items():
+        try:
+            up.model  # noqa: B018 - imported once here so a bad schema stops start-up
+        except Exception as exc:  # import errors of user code come in every shape
+            problems.append(f"upstreams.{name}.schema: cannot load {up.schema_}: {exc}")
+    paths: dict[str, str] = {}
+    for name, agg in config.aggregates.items():
+        where = f"aggregates.{name}"
+        if agg.path in RESERVED_PATHS:
+            problems.append(f"{where}.path: {agg.path} is reserved")
+        elif agg.path in paths:
+            problems.append(f"{where}.path: {agg.path} is already used by {paths[agg.path]}")
+        paths.setdefault(agg.path, name)
+        if len(set(agg.sources)) != len(agg.sources):
+            problems.append(f"{where}.sources: lists a source twice")
+        for source in agg.sources:
+            up_cfg = config.upstreams.get(source)
+            if up_cfg is None:
+                known = ", ".join(sorted(config.upstreams)) or "none"
+                problems.append(f"{where}.sources: unknown upstream {source!r} (known: {known})")
+                continue
+            missing = sorted(up_cfg.template.names - agg.params.keys())
+            if missing:
+                problems.append(
+                    f"{where}.params: upstream {source!r} needs "
+                    f"{', '.join(missing)} but the aggregate has no such parameter"
+                )
+        for source in agg.required:
+            if source not in agg.sources:
+                problems.append(f"{where}.required: {source!r} is not one of its sources")
+    return problems
+
+
+def default_config_text() -> str:
+    """The bundled demo config."""
+    return resources.files("aggregator.demo").joinpath("config.toml").read_text("utf-8")
+
+
+def parse_config(text: str, source: str) -> AppConfig:
+    """Validate TOML text; ConfigError lists every problem with its key path."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+    try:
+        config = AppConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, _pydantic_problems(exc)) from None
+    problems = _cross_problems(config)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load_config(path: Path | None) -> AppConfig:
+    """Load the file at `path`, or the bundled demo config when None."""
+    if path is None:
+        return parse_config(default_config_text(), "(bundled demo config)")
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(str(path), [f"cannot read the file: {reason}"]) from None
+    return parse_config(text, str(path))

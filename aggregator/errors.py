@@ -1,0 +1,108 @@
+"""Every error aggregator raises, in one tree so callers can catch at the right depth.
+
+AggregatorError
+ +-- ConfigError                    the TOML file or an environment variable is unusable
+ +-- InvalidRequestError            a client's parameters or body were rejected (4xx)
+ |    +-- RequestTooLargeError      the request body is over the limit (413)
+ +-- UpstreamError                  one source failed; carried into the envelope, never raised
+      +-- UpstreamTimeoutError      no full answer within the source's timeout
+      +-- UpstreamUnavailableError  connection refused, reset or closed early
+      +-- UpstreamBadStatusError    a non-2xx status
+      +-- UpstreamInvalidPayloadError  not JSON, wrong shape, or too large
+"""
+
+from __future__ import annotations
+
+
+class AggregatorError(Exception):
+    """Base of every error raised by aggregator."""
+
+
+class ConfigError(AggregatorError):
+    """The configuration cannot be used; the message names the file, key path and reason."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        if len(self.problems) == 1:
+            return f"invalid config {self.source}: {self.problems[0]}"
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return f"invalid config {self.source}:\n{lines}"
+
+    def __repr__(self) -> str:
+        return f"ConfigError(source={self.source!r}, problems={self.problems!r})"
+
+
+class InvalidRequestError(AggregatorError):
+    """A client sent parameters we cannot use; rendered as 400 naming the field."""
+
+    status = 400
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(field={self.field!r}, reason={self.reason!r})"
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is over the configured limit."""
+
+    status = 413
+
+
+class UpstreamError(AggregatorError):
+    """One source failed; `kind` is the envelope's error kind."""
+
+    kind = "upstream"
+
+    def __init__(self, upstream: str, detail: str, *, status: int | None = None) -> None:
+        self.upstream = upstream
+        self.detail = detail
+        self.status = status
+        super().__init__(f"{upstream}: {detail}")
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(upstream={self.upstream!r}, detail={self.detail!r}, "
+            f"status={self.status!r})"
+        )
+
+
+class UpstreamTimeoutError(UpstreamError):
+    """The source did not deliver its whole answer within its timeout."""
+
+    kind = "timeout"
+
+
+class UpstreamUnavailableError(UpstreamError):
+    """The source could not be reached or dropped the connection."""
+
+    kind = "connect"
+
+
+class UpstreamBadStatusError(UpstreamError):
+    """The source answered with a non-2xx status."""
+
+    kind = "http_status"
+
+
+class UpstreamInvalidPayloadError(UpstreamError):
+    """The source's body is unusable; `kind` says why."""
+
+    def __init__(
+        self,
+        upstream: str,
+        detail: str,
+        *,
+        kind: str,
+        locations: list[str] | None = None,
+    ) -> None:
+        super().__init__(upstream, detail)
+        self.kind = kind
+        self.locations = locations or []

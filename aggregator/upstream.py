@@ -1,0 +1,212 @@
+"""The one place that knows httpx: the shared client, its engine, and one upstream call.
+
+One `httpx.AsyncClient` per worker process, opened on the server loop at lifespan startup
+(DESIGN §1: a client per request costs ~38 ms CPU for its TLS context and loses keep-alive).
+Code that runs without a server loop (Flask's test client, the CLI) gets a short-lived client
+for its own loop instead: clients are looked up per running loop, never assumed.
+
+`fetch` never raises: every failure becomes a `SourceResult` with an error kind, so one bad
+source cannot cancel its siblings. httpx has no total-time timeout (a slowly dripping body
+outlives `timeout=`), so the whole call runs under `asyncio.timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from aggregator.config import ParamValue, UpstreamConfig
+from aggregator.errors import (
+    UpstreamBadStatusError,
+    UpstreamError,
+    UpstreamInvalidPayloadError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+)
+from aggregator.models import SourceResult
+from aggregator.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Clients opened by the ASGI lifespan, keyed by the loop they live on.
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def build_client(settings: Settings) -> httpx.AsyncClient:
+    """A client on the configured engine with pool limits sized for fan-out concurrency."""
+    limits = httpx.Limits(
+        max_connections=settings.pool_max_connections,
+        max_keepalive_connections=settings.pool_max_keepalive,
+        keepalive_expiry=30.0,
+    )
+    kwargs: dict[str, Any] = {"limits": limits, "follow_redirects": False, "trust_env": False}
+    if settings.engine == "aiohttp":
+        from httpx_aiohttp import HttpxAiohttpClient
+
+        return HttpxAiohttpClient(**kwargs)
+    return httpx.AsyncClient(**kwargs)
+
+
+async def open_shared_client(settings: Settings) -> httpx.AsyncClient:
+    """Open this loop's shared client (lifespan startup)."""
+    loop = asyncio.get_running_loop()
+    client = build_client(settings)
+    _clients[loop] = client
+    logger.info("upstream client opened (engine=%s)", settings.engine)
+    return client
+
+
+async def close_shared_client() -> None:
+    """Close this loop's shared client (lifespan shutdown)."""
+    client = _clients.pop(asyncio.get_running_loop(), None)
+    if client is not None:
+        await client.aclose()
+        logger.info("upstream client closed")
+
+
+def shared_client() -> httpx.AsyncClient | None:
+    """The client the lifespan opened on the running loop, if any."""
+    return _clients.get(asyncio.get_running_loop())
+
+
+@asynccontextmanager
+async def borrow_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The shared client, or a short-lived one when no server loop owns a client."""
+    client = shared_client()
+    if client is not None:
+        yield client
+        return
+    async with build_client(settings) as own:
+        yield own
+
+
+async def fetch(
+    client: httpx.AsyncClient,
+    name: str,
+    upstream: UpstreamConfig,
+    params: Mapping[str, ParamValue],
+    *,
+    max_body: int,
+) -> SourceResult:
+    """Call one upstream; the result is data or an error kind, never an exception."""
+    started = time.perf_counter()
+    url = upstream.template.render(params)
+    try:
+        async with asyncio.timeout(upstream.timeout):
+            data = await _get_json(client, name, url, upstream, max_body)
+    except UpstreamError as exc:
+        result = _failure(name, exc, started)
+    except TimeoutError:
+        err = UpstreamTimeoutError(name, f"no full answer within {upstream.timeout:g} s")
+        result = _failure(name, err, started)
+    else:
+        result = SourceResult(name=name, status="ok", ms=_ms(started), data=data)
+    logger.debug("upstream %s %s %.1f ms", name, result.status, result.ms)
+    return result
+
+
+async def _get_json(
+    client: httpx.AsyncClient, name: str, url: str, upstream: UpstreamConfig, max_body: int
+) -> Any:
+    timeout = httpx.Timeout(
+        upstream.timeout,
+        connect=upstream.connect_timeout or upstream.timeout,
+    )
+    try:
+        async with client.stream("GET", url, headers=upstream.headers, timeout=timeout) as resp:
+            if not resp.is_success:
+                raise UpstreamBadStatusError(
+                    name, f"answered HTTP {resp.status_code}", status=resp.status_code
+                )
+            body = await _read_limited(resp, name, max_body)
+    except httpx.TimeoutException as exc:
+        if _is_aiohttp_disconnect(exc):
+            raise UpstreamUnavailableError(name, "connection closed by the upstream") from exc
+        raise UpstreamTimeoutError(name, f"no answer within {upstream.timeout:g} s") from exc
+    except (httpx.TransportError, OSError) as exc:
+        raise UpstreamUnavailableError(name, _describe(exc)) from exc
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise UpstreamInvalidPayloadError(
+            name, "the body is not valid JSON", kind="invalid_json"
+        ) from None
+    model = upstream.model
+    if model is None:
+        return payload
+    try:
+        return model.model_validate(payload).model_dump(mode="json")
+    except ValidationError as exc:
+        locations = [".".join(str(p) for p in e["loc"]) or "(root)" for e in exc.errors()]
+        raise UpstreamInvalidPayloadError(
+            name,
+            f"the payload does not match {model.__name__} ({exc.error_count()} errors)",
+            kind="validation",
+            locations=locations,
+        ) from None
+
+
+async def _read_limited(resp: httpx.Response, name: str, max_body: int) -> bytes:
+    """Read the decoded body, stopping as soon as it passes the limit."""
+    declared = resp.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body:
+        raise _too_large(name, max_body)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.aiter_bytes():
+        size += len(chunk)
+        if size > max_body:
+            raise _too_large(name, max_body)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(name: str, max_body: int) -> UpstreamInvalidPayloadError:
+    return UpstreamInvalidPayloadError(
+        name, f"the body is larger than {max_body} bytes", kind="too_large"
+    )
+
+
+def _is_aiohttp_disconnect(exc: BaseException) -> bool:
+    # httpx-aiohttp maps every aiohttp ClientConnectionError (including a server that closes
+    # the connection) to httpx.ConnectTimeout; only a real timeout should read as "timeout".
+    cause = exc.__cause__
+    if cause is None:
+        return False
+    import aiohttp
+
+    return isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
+        cause, aiohttp.ServerTimeoutError | asyncio.TimeoutError
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    kind = type(exc.__cause__ or exc).__name__
+    return f"cannot reach the upstream ({kind})"
+
+
+def _failure(name: str, exc: UpstreamError, started: float) -> SourceResult:
+    locations = exc.locations if isinstance(exc, UpstreamInvalidPayloadError) else []
+    return SourceResult(
+        name=name,
+        status=exc.kind,  # type: ignore[arg-type]  # kinds are the SourceStatus literals
+        ms=_ms(started),
+        detail=exc.detail,
+        upstream_status=exc.status,
+        locations=locations,
+    )
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)

@@ -1,0 +1,1 @@
+"""HTTP endpoints: thin blueprints over config, fan-out and merge."""

@@ -1,0 +1,45 @@
+"""One JSON error shape for every failure: `{"error": ..., "message": ..., "field": ...}`.
+
+Never a traceback or an HTML page: dashboards parse whatever we send.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.http import HTTP_STATUS_CODES
+
+from aggregator.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(status: int, message: str, **fields: object) -> Response:
+    """The one error body every handler renders."""
+    body = {"error": HTTP_STATUS_CODES.get(status, "Error"), "message": message, **fields}
+    response = jsonify(body)
+    response.status_code = status
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Register the JSON handlers."""
+
+    @app.errorhandler(InvalidRequestError)
+    def _invalid(exc: InvalidRequestError) -> Response:
+        return error_response(exc.status, f"{exc.field}: {exc.reason}", field=exc.field)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        response = error_response(exc.code or 500, exc.description or "")
+        for name, value in exc.get_headers():
+            if name.lower() == "allow":
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        logger.exception("unhandled error", exc_info=exc)
+        return error_response(500, InternalServerError.description)

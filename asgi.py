@@ -1,0 +1,9 @@
+"""The ASGI entry point: `hypercorn --config hypercorn.toml asgi:app`."""
+
+from __future__ import annotations
+
+from aggregator import create_asgi_app
+from aggregator.log import configure_logging
+
+configure_logging()
+app = create_asgi_app()

@@ -1,0 +1,195 @@
+"""Tests for the demo upstreams, so the knobs other tests rely on behave as documented."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pydantic
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from aggregator.demo.models import News, Profile, Recommendations, Stocks, Weather
+from aggregator.demo.process import DemoProcess, free_port, start_demo_process
+from aggregator.demo.server import Knobs, create_demo_app
+
+Client = TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[Client]:
+    """Serve the app in-process with no default latency, so unit tests are fast."""
+    async with TestClient(TestServer(create_demo_app(Knobs(latency=0.0)))) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[DemoProcess]:
+    """Run one real demo subprocess for the integration tests of this module."""
+    with start_demo_process(latency=0.0) as process:
+        yield process
+
+
+def test_knobs_reject_nonsense() -> None:
+    """Bad server-wide knobs must fail at startup rather than on every request."""
+    with pytest.raises(ValueError, match="failure_rate"):
+        Knobs(failure_rate=1.5)
+    with pytest.raises(ValueError, match="latency"):
+        Knobs(latency=-1)
+    assert Knobs() == Knobs(latency=0.1, jitter=0.0, failure_rate=0.0)
+
+
+async def test_payloads_match_models_and_are_deterministic(
+    client: Client,
+) -> None:
+    """Every service answers its model, and the same input gives the same data."""
+    cases: list[tuple[str, Callable[[bytes], object]]] = [
+        ("/weather/Paris", Weather.model_validate_json),
+        ("/stocks/7", Stocks.model_validate_json),
+        ("/news?topic=tech", News.model_validate_json),
+        ("/profile/7", Profile.model_validate_json),
+        ("/recommendations/7", Recommendations.model_validate_json),
+    ]
+    for path, validate in cases:
+        first = await client.get(path)
+        assert first.status == 200, path
+        assert first.content_type == "application/json"
+        validate(await first.read())
+        second = await client.get(path)
+        assert await second.read() == await first.read()
+    weather = Weather.model_validate_json(await (await client.get("/weather/Paris")).read())
+    assert weather.city == "Paris" and weather.temperature_c == 2.3
+    news = News.model_validate(await (await client.get("/news")).json())
+    assert news.topic == "general" and len(news.articles) == 5
+    profile = Profile.model_validate(await (await client.get("/profile/7")).json())
+    assert (profile.user_id, profile.plan) == (7, "free")
+
+
+async def test_non_integer_user_and_unknown_path_are_json_404(
+    client: Client,
+) -> None:
+    """Path errors stay JSON so callers can report them uniformly."""
+    for path in ("/profile/abc", "/stocks/x", "/nope"):
+        response = await client.get(path)
+        assert response.status == 404
+        assert "error" in await response.json()
+
+
+async def test_failure_knobs(client: Client) -> None:
+    """status, fail, html, invalid and shape each produce the promised failure."""
+    response = await client.get("/weather/Paris?status=502")
+    assert response.status == 502 and "error" in await response.json()
+    response = await client.get("/weather/Paris?fail=1")
+    assert response.status == 503 and "error" in await response.json()
+    response = await client.get("/weather/Paris?html=1")
+    assert response.status == 200 and response.content_type == "text/html"
+    assert (await response.text()).startswith("<html>")
+    response = await client.get("/weather/Paris?invalid=1")
+    assert response.status == 200 and response.content_type == "application/json"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(await response.read())
+    wrong: list[tuple[str, Callable[[bytes], object]]] = [
+        ("/weather/Paris", Weather.model_validate_json),
+        ("/profile/7", Profile.model_validate_json),
+    ]
+    for path, validate in wrong:
+        response = await client.get(f"{path}?shape=wrong")
+        assert response.status == 200
+        with pytest.raises(pydantic.ValidationError):
+            validate(await response.read())
+
+
+async def test_bad_knob_is_400_naming_it(client: Client) -> None:
+    """A typo in a knob must be loud, not silently ignored."""
+    for query, knob in [("delay=abc", "delay"), ("fail=2", "fail"), ("status=99", "status")]:
+        response = await client.get(f"/weather/Paris?{query}")
+        assert response.status == 400
+        assert (await response.json())["knob"] == knob
+
+
+async def test_delay_and_size(client: Client) -> None:
+    """delay slows the answer and size pads it while keeping it valid JSON."""
+    started = time.perf_counter()
+    response = await client.get("/weather/Paris?delay=0.2")
+    assert response.status == 200
+    assert time.perf_counter() - started >= 0.2
+    response = await client.get("/weather/Paris?size=1000000")
+    body = await response.read()
+    assert len(body) >= 1_000_000
+    assert Weather.model_validate_json(body).city == "Paris"
+
+
+async def test_echo_reports_raw_path_query_and_headers(client: Client) -> None:
+    """Echo shows exactly what arrived, so encoding bugs are visible."""
+    response = await client.get(
+        "/echo/a%2Fb/S%C3%A3o%20Paulo?q=a%20b&x=1", headers={"X-Trace": "t1"}
+    )
+    payload = await response.json()
+    assert payload["path"] == "/echo/a%2Fb/S%C3%A3o%20Paulo"
+    assert payload["query"] == "q=a%20b&x=1"
+    assert payload["headers"]["x-trace"] == "t1"
+
+
+async def test_stats_count_requests_and_reset(client: Client) -> None:
+    """Stats count service calls only, and reset zeroes them."""
+    await client.get("/weather/Paris")
+    await client.get("/weather/Oslo")
+    await client.get("/healthz")
+    stats = await (await client.get("/_stats")).json()
+    assert stats["requests"]["weather"] == 2 and stats["total_requests"] == 2
+    assert stats["connections"] >= 1 and stats["max_in_flight"] >= 1
+    await client.post("/_reset")
+    stats = await (await client.get("/_stats")).json()
+    assert stats["total_requests"] == 0 and stats["connections"] == 0
+    assert set(stats["requests"]) >= {"weather", "stocks", "news", "profile", "recommendations"}
+
+
+@pytest.mark.integration
+def test_subprocess_serves_and_counts_connections(demo: DemoProcess) -> None:
+    """Two keep-alive clients are two connections, however many requests they send."""
+    assert demo.url == f"http://127.0.0.1:{demo.port}"
+    httpx.post(f"{demo.url}/_reset", trust_env=False).raise_for_status()
+    for _ in range(2):
+        with httpx.Client(base_url=demo.url, trust_env=False) as http:
+            for city in ("Paris", "Lima", "Oslo"):
+                response = http.get(f"/weather/{city}")
+                assert Weather.model_validate_json(response.content).city == city
+    stats = httpx.get(f"{demo.url}/_stats", trust_env=False).json()
+    assert stats["connections"] == 2
+    assert stats["requests"]["weather"] == 6 and stats["total_requests"] == 6
+
+
+@pytest.mark.integration
+def test_subprocess_drip_sends_headers_first(demo: DemoProcess) -> None:
+    """drip delivers headers promptly and the body over the requested time."""
+    with httpx.Client(trust_env=False) as http:
+        started = time.perf_counter()
+        with http.stream("GET", f"{demo.url}/weather/Paris?drip=0.6") as response:
+            headers_at = time.perf_counter() - started
+            body = response.read()
+        total = time.perf_counter() - started
+    assert headers_at < 0.3 <= 0.5 < total
+    assert Weather.model_validate_json(body).city == "Paris"
+
+
+@pytest.mark.integration
+def test_subprocess_stops_on_sigterm(tmp_path: Path) -> None:
+    """The child announces its address, then exits cleanly on SIGTERM."""
+    log = tmp_path / "demo.log"
+    process = start_demo_process(port=free_port(), log_path=log)
+    with process:
+        assert f"demo upstreams on {process.url}" in log.read_text()
+        process.popen.send_signal(signal.SIGTERM)
+        assert process.popen.wait(5) == 0
+
+
+@pytest.mark.integration
+def test_start_failure_raises_with_log_tail() -> None:
+    """A child that cannot start must raise with its output, not hang."""
+    with pytest.raises(RuntimeError, match="failure_rate"):
+        start_demo_process(failure_rate=7.0, timeout=5.0)
