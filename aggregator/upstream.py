@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpcore
 import httpx
 from pydantic import ValidationError
 
@@ -43,6 +44,38 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient
 )
 
 
+class _OrphanSafePool(httpcore.AsyncConnectionPool):
+    """httpcore's pool, minus the leak that poisons it after a cancellation.
+
+    A request cancelled after the pool created a connection for it, but before that connection
+    connected, leaves the connection behind: never connected, never failed, owned by no request.
+    No cleanup branch matches it, so it holds a slot forever; once `max_connections` of them
+    pile up every call fails with PoolTimeout (httpcore 1.0.9, encode/httpcore#1093, unfixed
+    upstream). Deadlines and client disconnects cancel exactly like that, so we drop such
+    orphans before each assignment pass.
+    """
+
+    def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
+        owned = {id(r.connection) for r in self._requests if r.connection is not None}
+        for conn in list(self._connections):
+            if (
+                isinstance(conn, httpcore.AsyncHTTPConnection)
+                and conn._connection is None
+                and not conn._connect_failed
+                and id(conn) not in owned
+            ):
+                self._connections.remove(conn)
+        return super()._assign_requests_to_connections()
+
+
+def _httpx_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    # Same pool, same state, one overridden method: swapping the class keeps every argument
+    # httpx passed to the pool instead of re-deriving them here.
+    transport._pool.__class__ = _OrphanSafePool
+    return transport
+
+
 def build_client(settings: Settings) -> httpx.AsyncClient:
     """A client on the configured engine with pool limits sized for fan-out concurrency."""
     limits = httpx.Limits(
@@ -55,7 +88,7 @@ def build_client(settings: Settings) -> httpx.AsyncClient:
         from httpx_aiohttp import HttpxAiohttpClient
 
         return HttpxAiohttpClient(**kwargs)
-    return httpx.AsyncClient(**kwargs)
+    return httpx.AsyncClient(transport=_httpx_transport(limits), **kwargs)
 
 
 async def open_shared_client(settings: Settings) -> httpx.AsyncClient:
