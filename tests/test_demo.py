@@ -29,7 +29,7 @@ async def client() -> AsyncIterator[Client]:
 
 
 @pytest.fixture(scope="module")
-def demo() -> Iterator[DemoProcess]:
+def demo_proc() -> Iterator[DemoProcess]:
     """Run one real demo subprocess for the integration tests of this module."""
     with start_demo_process(latency=0.0) as process:
         yield process
@@ -150,26 +150,26 @@ async def test_stats_count_requests_and_reset(client: Client) -> None:
 
 
 @pytest.mark.integration
-def test_subprocess_serves_and_counts_connections(demo: DemoProcess) -> None:
+def test_subprocess_serves_and_counts_connections(demo_proc: DemoProcess) -> None:
     """Two keep-alive clients are two connections, however many requests they send."""
-    assert demo.url == f"http://127.0.0.1:{demo.port}"
-    httpx.post(f"{demo.url}/_reset", trust_env=False).raise_for_status()
+    assert demo_proc.url == f"http://127.0.0.1:{demo_proc.port}"
+    httpx.post(f"{demo_proc.url}/_reset", trust_env=False).raise_for_status()
     for _ in range(2):
-        with httpx.Client(base_url=demo.url, trust_env=False) as http:
+        with httpx.Client(base_url=demo_proc.url, trust_env=False) as http:
             for city in ("Paris", "Lima", "Oslo"):
                 response = http.get(f"/weather/{city}")
                 assert Weather.model_validate_json(response.content).city == city
-    stats = httpx.get(f"{demo.url}/_stats", trust_env=False).json()
+    stats = httpx.get(f"{demo_proc.url}/_stats", trust_env=False).json()
     assert stats["connections"] == 2
     assert stats["requests"]["weather"] == 6 and stats["total_requests"] == 6
 
 
 @pytest.mark.integration
-def test_subprocess_drip_sends_headers_first(demo: DemoProcess) -> None:
+def test_subprocess_drip_sends_headers_first(demo_proc: DemoProcess) -> None:
     """drip delivers headers promptly and the body over the requested time."""
     with httpx.Client(trust_env=False) as http:
         started = time.perf_counter()
-        with http.stream("GET", f"{demo.url}/weather/Paris?drip=0.6") as response:
+        with http.stream("GET", f"{demo_proc.url}/weather/Paris?drip=0.6") as response:
             headers_at = time.perf_counter() - started
             body = response.read()
         total = time.perf_counter() - started
