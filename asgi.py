@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from aggregator import create_asgi_app
+from aggregator import create_asgi_app_or_exit
 from aggregator.log import configure_logging
 
 configure_logging()
-app = create_asgi_app()
+app = create_asgi_app_or_exit()

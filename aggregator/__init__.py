@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
+from pydantic import ValidationError
+
 from aggregator.adapter import AggregatorFlask, ASGIAdapter
 from aggregator.config import AppConfig, load_config
+from aggregator.errors import ConfigError
 from aggregator.settings import Settings
 from aggregator.views import aggregates, errors, health
 
@@ -32,4 +37,13 @@ def create_asgi_app(
     return ASGIAdapter(create_app(settings, config), settings)
 
 
-__all__ = ["Settings", "create_app", "create_asgi_app"]
+def create_asgi_app_or_exit() -> ASGIAdapter:
+    """For server entry points: a bad config stops start-up with its message, not a traceback."""
+    try:
+        return create_asgi_app()
+    except (ConfigError, ValidationError) as exc:
+        print(f"aggregator: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+__all__ = ["Settings", "create_app", "create_asgi_app", "create_asgi_app_or_exit"]

@@ -25,10 +25,10 @@ _HYPERCORN_FLAGS = {"bind": "bind", "workers": "workers"}
 
 def worker_app() -> Any:
     """The app each Hypercorn worker process builds (settings come from AGGREGATOR_* vars)."""
-    from aggregator import create_asgi_app
+    from aggregator import create_asgi_app_or_exit
 
     configure_logging()
-    return create_asgi_app()
+    return create_asgi_app_or_exit()
 
 
 @click.group(context_settings={"auto_envvar_prefix": "AGGREGATOR"})
@@ -158,3 +158,7 @@ def _answers(url: str) -> bool:
         return httpx.get(f"{url}/healthz", timeout=0.5, trust_env=False).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -39,9 +40,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoProcess]:
         yield proc
 
 
-def demo_stats(demo: DemoProcess) -> dict[str, object]:
+def demo_stats(demo: DemoProcess) -> dict[str, Any]:
     """The demo's counters (connections seen, requests per service)."""
-    stats: dict[str, object] = httpx.get(f"{demo.url}/_stats", trust_env=False).json()
+    stats: dict[str, Any] = httpx.get(f"{demo.url}/_stats", trust_env=False).json()
     return stats
 
 

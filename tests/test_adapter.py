@@ -59,12 +59,12 @@ def _probe_app(config_path: Path, mode: Mode, **settings: Any) -> ASGIAdapter:
         return {"loop": id(asyncio.get_running_loop())}
 
     @app.get("/probe/abort")
-    async def probe_abort() -> None:
+    async def probe_abort() -> str:
         await asyncio.sleep(0)
         abort(418)
 
     @app.get("/probe/boom")
-    async def probe_boom() -> None:
+    async def probe_boom() -> str:
         await asyncio.sleep(0)
         raise ValueError("secret internals")
 
@@ -72,7 +72,8 @@ def _probe_app(config_path: Path, mode: Mode, **settings: Any) -> ASGIAdapter:
 
 
 def _client(adapter: ASGIAdapter) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=adapter), base_url="http://t")
+    transport = httpx.ASGITransport(app=adapter)  # type: ignore[arg-type]  # hypercorn's ASGI types
+    return httpx.AsyncClient(transport=transport, base_url="http://t")
 
 
 @pytest.mark.integration
