@@ -1,0 +1,28 @@
+# aggregator: Flask + Hypercorn. Build: docker build -t aggregator .
+# Run with your config: docker run -p 8000:8000 -v $PWD/my.toml:/config.toml \
+#   -e AGGREGATOR_CONFIG=/config.toml aggregator
+FROM python:3.11.7-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN useradd --create-home --uid 10001 app
+WORKDIR /app
+
+# Dependencies first (from pyproject.toml alone) so code changes do not reinstall them.
+COPY pyproject.toml README.md ./
+RUN mkdir aggregator && touch aggregator/__init__.py \
+    && pip install . && pip uninstall -y aggregator && rm -rf aggregator build
+
+COPY aggregator ./aggregator
+COPY asgi.py hypercorn.toml ./
+RUN pip install --no-deps . && rm -rf build
+
+USER app
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+# Exec form so SIGTERM reaches hypercorn and it drains gracefully.
+CMD ["hypercorn", "--config", "hypercorn.toml", "--bind", "0.0.0.0:8000", "asgi:app"]
