@@ -1,0 +1,67 @@
+"""The click commands parse options and call one library function each."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aggregator import cli
+from aggregator.demo.server import Knobs
+
+
+def test_demo_command_passes_its_knobs(runner, monkeypatch):
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr("aggregator.demo.server.run_demo", lambda *a: calls.append(a))
+    result = runner.invoke(cli.main, ["demo", "--port", "9123", "--latency", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert calls == [("127.0.0.1", 9123, Knobs(latency=0.3, jitter=0.0, failure_rate=0.0))]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param([], {"bind": None, "workers": None}, id="no-flags-keep-the-file"),
+        pytest.param(
+            ["--bind", "127.0.0.1:9001", "-w", "3"],
+            {"bind": ["127.0.0.1:9001"], "workers": 3},
+            id="flags-override",
+        ),
+    ],
+)
+def test_serve_overrides_only_the_flags_given(runner, monkeypatch, config_path, args, expected):
+    seen: dict[str, Any] = {}
+
+    def fake_run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
+        seen.update(overrides)
+        return 0
+
+    monkeypatch.setattr(cli, "run_server", fake_run_server)
+    result = runner.invoke(cli.main, ["serve", "--config", str(config_path), *args])
+    assert result.exit_code == 0, result.output
+    assert seen == expected
+
+
+def test_serve_exports_settings_for_the_worker_processes(runner, monkeypatch, config_path):
+    monkeypatch.setattr(cli, "run_server", lambda *_: 0)
+    result = runner.invoke(
+        cli.main, ["serve", "--config", str(config_path), "--mode", "threads", "--engine", "httpx"]
+    )
+    assert result.exit_code == 0, result.output
+    assert os.environ["AGGREGATOR_CONFIG"] == str(config_path)
+    assert os.environ["AGGREGATOR_MODE"] == "threads"
+    assert os.environ["AGGREGATOR_ENGINE"] == "httpx"
+
+
+def test_run_server_applies_overrides_to_the_hypercorn_file(monkeypatch, tmp_path):
+    toml = tmp_path / "h.toml"
+    toml.write_text('bind = ["127.0.0.1:7000"]\nworkers = 2\naccesslog = "-"\n')
+    seen: list[Any] = []
+    monkeypatch.setattr("hypercorn.run.run", lambda config: seen.append(config) or 0)
+    assert cli.run_server(toml, {"bind": None, "workers": 4}) == 0
+    (config,) = seen
+    assert config.bind == ["127.0.0.1:7000"]  # not given: the file's value
+    assert config.workers == 4  # given: the flag wins
+    assert config.application_path == "aggregator.cli:worker_app()"
