@@ -59,7 +59,12 @@ def test_run_server_applies_overrides_to_the_hypercorn_file(monkeypatch, tmp_pat
     toml = tmp_path / "h.toml"
     toml.write_text('bind = ["127.0.0.1:7000"]\nworkers = 2\naccesslog = "-"\n')
     seen: list[Any] = []
-    monkeypatch.setattr("hypercorn.run.run", lambda config: seen.append(config) or 0)
+
+    def fake_run(config: Any) -> int:
+        seen.append(config)
+        return 0
+
+    monkeypatch.setattr("hypercorn.run.run", fake_run)
     assert cli.run_server(toml, {"bind": None, "workers": 4}) == 0
     (config,) = seen
     assert config.bind == ["127.0.0.1:7000"]  # not given: the file's value
