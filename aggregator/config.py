@@ -41,7 +41,8 @@ def expand_env(value: str) -> str:
     def sub(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
         found = os.environ.get(name)
-        if found is None:
+        # As in the shell, `:-` also replaces a variable that is set but empty.
+        if found is None or (found == "" and default is not None):
             if default is None:
                 raise ValueError(f"environment variable {name} is not set")
             return default

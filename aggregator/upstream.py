@@ -21,8 +21,12 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import httpcore
 import httpx
+import yarl
+from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
+from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
 from pydantic import ValidationError
 
 from aggregator.config import ParamValue, UpstreamConfig
@@ -76,6 +80,54 @@ def _httpx_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
     return transport
 
 
+class _VerbatimUrlTransport(AiohttpTransport):
+    """httpx-aiohttp's transport, except that aiohttp gets the URL exactly as httpx encoded it.
+
+    The stock transport passes `str(request.url)`, which yarl parses again: it decodes `%2E`
+    (an unreserved character) and then removes dot segments, so a path value of `..` that
+    urltemplate sent as `%2E%2E` would climb one level on the upstream. httpx has already
+    encoded the URL, so yarl is told to leave it alone. Proxies are not supported (trust_env
+    is off and none are configured).
+    """
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if not isinstance(self.client, aiohttp.ClientSession):
+            self.client = self.get_client()
+        timeout = request.extensions.get("timeout", {})
+        with map_aiohttp_exceptions():
+            data: bytes | httpx.AsyncByteStream | None
+            try:
+                data = request.content or None
+            except httpx.RequestNotRead:
+                data = request.stream  # type: ignore[assignment]  # aiohttp streams it
+                request.headers.pop("transfer-encoding", None)
+            response = await self.client.request(
+                method=request.method,
+                url=yarl.URL(str(request.url), encoded=True),
+                headers=request.headers,
+                data=data,
+                allow_redirects=False,
+                auto_decompress=False,
+                compress=False,
+                timeout=aiohttp.ClientTimeout(
+                    sock_connect=timeout.get("connect"),
+                    sock_read=timeout.get("read"),
+                    connect=timeout.get("pool"),
+                ),
+                server_hostname=request.extensions.get("sni_hostname"),
+            ).__aenter__()
+        extensions = {"http_version": b"HTTP/1.1"}
+        if response.reason:
+            extensions["reason_phrase"] = response.reason.encode()
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.raw_headers,
+            stream=AiohttpResponseStream(response),
+            request=request,
+            extensions=extensions,
+        )
+
+
 def build_client(settings: Settings) -> httpx.AsyncClient:
     """A client on the configured engine with pool limits sized for fan-out concurrency."""
     limits = httpx.Limits(
@@ -85,9 +137,8 @@ def build_client(settings: Settings) -> httpx.AsyncClient:
     )
     kwargs: dict[str, Any] = {"limits": limits, "follow_redirects": False, "trust_env": False}
     if settings.engine == "aiohttp":
-        from httpx_aiohttp import HttpxAiohttpClient
-
-        return HttpxAiohttpClient(**kwargs)
+        transport = _VerbatimUrlTransport(limits=limits, trust_env=False)
+        return HttpxAiohttpClient(transport=transport, **kwargs)
     return httpx.AsyncClient(transport=_httpx_transport(limits), **kwargs)
 
 
@@ -167,8 +218,14 @@ async def _get_json(
         if _is_aiohttp_disconnect(exc):
             raise UpstreamUnavailableError(name, "connection closed by the upstream") from exc
         raise UpstreamTimeoutError(name, f"no answer within {upstream.timeout:g} s") from exc
-    except (httpx.TransportError, OSError) as exc:
+    except (httpx.TransportError, OSError, aiohttp.ClientError) as exc:
+        # aiohttp errors httpx-aiohttp does not map (a malformed status line or chunk) arrive
+        # as themselves.
         raise UpstreamUnavailableError(name, _describe(exc)) from exc
+    except httpx.DecodingError as exc:
+        raise UpstreamInvalidPayloadError(
+            name, "the body does not match its Content-Encoding", kind="invalid_json"
+        ) from exc
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
@@ -217,8 +274,6 @@ def _is_aiohttp_disconnect(exc: BaseException) -> bool:
     cause = exc.__cause__
     if cause is None:
         return False
-    import aiohttp
-
     return isinstance(cause, aiohttp.ClientConnectionError) and not isinstance(
         cause, aiohttp.ServerTimeoutError | asyncio.TimeoutError
     )
