@@ -31,6 +31,8 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+_INT = re.compile(r"[+-]?[0-9]{1,18}")
+_FLOAT = re.compile(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|inf|infinity|nan)", re.I)
 MAX_PARAM_LENGTH = 1024
 RESERVED_PATHS = frozenset({"/healthz"})
 
@@ -76,20 +78,26 @@ def parse_value(kind: ParamType, raw: object) -> ParamValue:
         if isinstance(raw, int):
             return raw
         text = str(raw).strip()
-        if not re.fullmatch(r"[+-]?\d{1,18}", text):
+        if not _INT.fullmatch(text):
             raise ValueError("must be an integer")
         return int(text)
-    try:
-        number = float(raw) if isinstance(raw, int | float) else float(str(raw).strip())
-    except ValueError:
-        raise ValueError("must be a number") from None
+    if isinstance(raw, int | float):
+        number = float(raw)
+    else:
+        text = str(raw).strip()
+        if not _FLOAT.fullmatch(
+            text
+        ):  # float() alone would take "1_000", "nan" and non-ASCII digits
+            raise ValueError("must be a number")
+        number = float(text)
     if not math.isfinite(number):
         raise ValueError("must be a finite number")
     return number
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `timeout = "5"` is a mistake in a TOML file, not something to coerce quietly
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ParamSpec(_Strict):
@@ -182,7 +190,8 @@ class AggregateConfig(_Strict):
         values: dict[str, ParamValue] = {}
         for name, spec in self.params.items():
             given = args.get(name)
-            if not given:
+            if not given or (given == [""] and spec.default is not None):
+                # an empty value (`?topic=`, an unset dashboard filter) means "the default"
                 if spec.default is None:
                     raise InvalidRequestError(name, f"required {spec.type} parameter is missing")
                 values[name] = spec.default

@@ -235,6 +235,11 @@ def test_a_valid_config_file_loads(write_config: WriteConfig) -> None:
             id="deadline-zero",
         ),
         pytest.param(
+            toml(upstream='timeout = "5"'),
+            "upstreams.x.timeout: Input should be a valid number",
+            id="timeout-numeric-string-is-not-coerced",
+        ),
+        pytest.param(
             toml(upstream='timeout = "soon"'),
             "upstreams.x.timeout: Input should be a valid number",
             id="timeout-string",
@@ -484,6 +489,15 @@ def test_parse_params_applies_typed_defaults(aggregate: AggregateConfig) -> None
     assert type(params["verbose"]) is bool
 
 
+def test_parse_params_empty_value_of_an_optional_param_means_its_default(
+    aggregate: AggregateConfig,
+) -> None:
+    # `?topic=&ratio=` is what a dashboard sends for unset filters: not an error
+    values = aggregate.parse_params({"city": ["a"], "user_id": ["1"], "topic": [""], "ratio": [""]})
+    assert values["topic"] == "general"
+    assert values["ratio"] == 1.0
+
+
 def test_parse_params_converts_given_values(aggregate: AggregateConfig) -> None:
     params = aggregate.parse_params(
         {
@@ -564,13 +578,25 @@ def test_parse_params_booleans(aggregate: AggregateConfig, value: str, expected:
             id="float-minus-inf",
         ),
         pytest.param(
+            {"city": ["a"], "user_id": ["\u0661\u0662"]}, "user_id", "integer", id="int-non-ascii"
+        ),
+        pytest.param(
+            {"city": ["a"], "user_id": ["1"], "ratio": ["1_000"]},
+            "ratio",
+            "number",
+            id="float-underscore",
+        ),
+        pytest.param(
+            {"city": ["a"], "user_id": ["1"], "ratio": ["\u0661.5"]},
+            "ratio",
+            "number",
+            id="float-non-ascii",
+        ),
+        pytest.param(
             {"city": ["a"], "user_id": ["1"], "ratio": ["1e400"]},
             "ratio",
             "finite",
             id="float-overflow",
-        ),
-        pytest.param(
-            {"city": ["a"], "user_id": ["1"], "ratio": [""]}, "ratio", "number", id="float-empty"
         ),
         pytest.param(
             {"city": ["a"], "user_id": ["1"], "verbose": ["maybe"]},
@@ -585,10 +611,7 @@ def test_parse_params_booleans(aggregate: AggregateConfig, value: str, expected:
             id="bool-two",
         ),
         pytest.param(
-            {"city": ["a"], "user_id": ["1"], "topic": [""]},
-            "topic",
-            "must not be empty",
-            id="empty-overrides-no-default",
+            {"city": [""], "user_id": ["1"]}, "city", "must not be empty", id="empty-required"
         ),
     ],
 )
