@@ -156,7 +156,7 @@ def build_client(settings: Settings) -> httpx.AsyncClient:
     limits = httpx.Limits(
         max_connections=settings.pool_max_connections,
         max_keepalive_connections=settings.pool_max_keepalive,
-        keepalive_expiry=30.0,
+        keepalive_expiry=settings.pool_keepalive_expiry,
     )
     kwargs: dict[str, Any] = {"limits": limits, "follow_redirects": False, "trust_env": False}
     if settings.engine == "aiohttp":

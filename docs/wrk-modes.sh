@@ -1,40 +1,62 @@
 #!/usr/bin/env bash
-# Loop vs threads mode on /api/dashboard (bundled demo: 5 sources, slowest 0.25 s), with wrk.
-# Interleaved (rep 1: loop c16, loop c64, threads c16, threads c64; rep 2: ...) so machine drift
-# hits both modes alike. Loopback only; every run is bounded by -d. Until `aggregator bench`
-# exists (issue 5), this is how the README's numbers were made.
-#   usage: bash docs/wrk-modes.sh [REPS] [DURATION]   (needs wrk: apt-get install -y wrk)
+# Serving configurations compared with wrk on loopback, interleaved (rep 1: every config and
+# concurrency, then rep 2, ...) so machine drift hits all alike. One Hypercorn worker each.
+# Every run is bounded by DURATION. Until `aggregator bench` exists (issue 5), the README's
+# numbers come from here.
+#
+#   bash docs/wrk-modes.sh [REPS] [DURATION]                 # bundled demo, /api/dashboard
+#   CONFIGS="loop:aiohttp loop:httpx" CONCURRENCY="64 256" WORKLOAD=k5x100 bash docs/wrk-modes.sh
+#
+# CONFIGS: MODE:ENGINE pairs (default "loop:aiohttp threads:aiohttp"); CONCURRENCY: wrk -c
+# levels (default "16 64"); WORKLOAD: "demo" (the bundled dashboard: 5 sources, slowest
+# 0.25 s) or "k5x100" (5 sources of 100 ms each, DESIGN §1's workload). Needs wrk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${1:-3}
 DUR=${2:-10s}
+CONFIGS=${CONFIGS:-"loop:aiohttp threads:aiohttp"}
+CONCURRENCY=${CONCURRENCY:-"16 64"}
+WORKLOAD=${WORKLOAD:-demo}
 PY=.venv/bin/python
 DEMO_PORT=18101
+DEMO=http://127.0.0.1:$DEMO_PORT
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
-$PY -m aggregator.demo --port $DEMO_PORT >/tmp/wrk-demo.log 2>&1 & pids+=($!)
-declare -A PORT=([loop]=18001 [threads]=18002)
-for mode in loop threads; do
-    AGGREGATOR_MODE=$mode AGGREGATOR_DEMO_URL=http://127.0.0.1:$DEMO_PORT \
-        $PY -m hypercorn --bind 127.0.0.1:${PORT[$mode]} --workers 1 asgi:app \
-        >/tmp/wrk-$mode.log 2>&1 & pids+=($!)
+$PY -m aggregator.demo --port $DEMO_PORT --latency 0.1 >/tmp/wrk-demo.log 2>&1 & pids+=($!)
+if [ "$WORKLOAD" = k5x100 ]; then
+    cfg=$(mktemp --suffix=.toml)
+    for s in weather:/weather/{city} stocks:/stocks/{user_id} news:/news profile:/profile/{user_id} \
+             recommendations:/recommendations/{user_id}; do
+        printf '[upstreams.%s]\nurl = "%s%s"\ntimeout = 5\n\n' "${s%%:*}" "$DEMO" "${s#*:}" >>"$cfg"
+    done
+    printf '[aggregates.k5]\npath = "/api/dashboard"\nsources = ["weather", "stocks", "news", "profile", "recommendations"]\ndeadline = 10\nparams = { city = "str", user_id = "int" }\n' >>"$cfg"
+    export AGGREGATOR_CONFIG=$cfg
+fi
+declare -A PORT
+port=18001
+for cfgname in $CONFIGS; do
+    PORT[$cfgname]=$port
+    AGGREGATOR_MODE=${cfgname%%:*} AGGREGATOR_ENGINE=${cfgname#*:} AGGREGATOR_DEMO_URL=$DEMO \
+        $PY -m hypercorn --bind 127.0.0.1:$port --workers 1 asgi:app \
+        >/tmp/wrk-${cfgname/:/-}.log 2>&1 & pids+=($!)
+    port=$((port + 1))
 done
-for port in $DEMO_PORT ${PORT[loop]} ${PORT[threads]}; do
-    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+for p in $DEMO_PORT "${PORT[@]}"; do
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$p/healthz" >/dev/null && break; sleep 0.1; done
 done
 Q='/api/dashboard?city=Paris&user_id=7'
-for mode in loop threads; do wrk -t2 -c16 -d2s "http://127.0.0.1:${PORT[$mode]}$Q" >/dev/null; done  # warm-up
+for cfgname in $CONFIGS; do wrk -t2 -c16 -d2s "http://127.0.0.1:${PORT[$cfgname]}$Q" >/dev/null; done
 for rep in $(seq "$REPS"); do
-    for mode in loop threads; do
-        for c in 16 64; do
-            out=$(wrk -t2 -c$c -d"$DUR" --timeout 10s --latency "http://127.0.0.1:${PORT[$mode]}$Q")
+    for cfgname in $CONFIGS; do
+        for c in $CONCURRENCY; do
+            out=$(wrk -t2 -c"$c" -d"$DUR" --timeout 10s --latency "http://127.0.0.1:${PORT[$cfgname]}$Q")
             rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
             p50=$(awk '$1=="50%" {print $2}' <<<"$out")
             p99=$(awk '$1=="99%" {print $2}' <<<"$out")
             errs=$(grep -E "Non-2xx|Socket errors" <<<"$out" | tr -s ' ' | paste -sd';' || true)
-            echo "rep=$rep mode=$mode c=$c rps=$rps p50=$p50 p99=$p99 ${errs:-errors=0}"
+            echo "rep=$rep config=$cfgname c=$c rps=$rps p50=$p50 p99=$p99 ${errs:-errors=0}"
         done
     done
 done
