@@ -22,14 +22,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
-import httpcore
 import httpx
-import yarl
-from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
-from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
 from pydantic import ValidationError
 
 from aggregator.config import ParamValue, UpstreamConfig
+from aggregator.engines import build_client
 from aggregator.errors import (
     UpstreamBadStatusError,
     UpstreamError,
@@ -46,126 +43,6 @@ logger = logging.getLogger(__name__)
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
     weakref.WeakKeyDictionary()
 )
-
-
-class _OrphanSafePool(httpcore.AsyncConnectionPool):
-    """httpcore's pool, minus the leak that poisons it after a cancellation.
-
-    A request cancelled after the pool created a connection for it, but before that connection
-    connected, leaves the connection behind: never connected, never failed, owned by no request.
-    No cleanup branch matches it, so it holds a slot forever; once `max_connections` of them
-    pile up every call fails with PoolTimeout (httpcore 1.0.9, encode/httpcore#1093, unfixed
-    upstream). Deadlines and client disconnects cancel exactly like that, so we drop such
-    orphans before each assignment pass.
-    """
-
-    def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
-        owned = {id(r.connection) for r in self._requests if r.connection is not None}
-        for conn in list(self._connections):
-            if (
-                isinstance(conn, httpcore.AsyncHTTPConnection)
-                and conn._connection is None
-                and not conn._connect_failed
-                and id(conn) not in owned
-            ):
-                self._connections.remove(conn)
-        return super()._assign_requests_to_connections()
-
-
-def _httpx_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
-    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-    # Same pool, same state, one overridden method: swapping the class keeps every argument
-    # httpx passed to the pool instead of re-deriving them here.
-    transport._pool.__class__ = _OrphanSafePool
-    return transport
-
-
-class _VerbatimUrlTransport(AiohttpTransport):
-    """httpx-aiohttp's transport, except that aiohttp gets the URL exactly as httpx encoded it.
-
-    The stock transport passes `str(request.url)`, which yarl parses again: it decodes `%2E`
-    (an unreserved character) and then removes dot segments, so a path value of `..` that
-    urltemplate sent as `%2E%2E` would climb one level on the upstream. httpx has already
-    encoded the URL, so yarl is told to leave it alone. Proxies are not supported (trust_env
-    is off and none are configured). Its session keeps no cookies (see `_NoCookies`).
-    """
-
-    def get_client(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=self.limits.max_connections or 0,
-            keepalive_timeout=self.limits.keepalive_expiry,
-            ssl=self.ssl_context,
-        )
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if not isinstance(self.client, aiohttp.ClientSession):
-            self.client = self.get_client()
-        timeout = request.extensions.get("timeout", {})
-        with map_aiohttp_exceptions():
-            data: bytes | httpx.AsyncByteStream | None
-            try:
-                data = request.content or None
-            except httpx.RequestNotRead:
-                data = request.stream  # type: ignore[assignment]  # aiohttp streams it
-                request.headers.pop("transfer-encoding", None)
-            response = await self.client.request(
-                method=request.method,
-                url=yarl.URL(str(request.url), encoded=True),
-                headers=request.headers,
-                data=data,
-                allow_redirects=False,
-                auto_decompress=False,
-                compress=False,
-                timeout=aiohttp.ClientTimeout(
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                    connect=timeout.get("pool"),
-                ),
-                server_hostname=request.extensions.get("sni_hostname"),
-            ).__aenter__()
-        extensions = {"http_version": b"HTTP/1.1"}
-        if response.reason:
-            extensions["reason_phrase"] = response.reason.encode()
-        return httpx.Response(
-            status_code=response.status,
-            headers=response.raw_headers,
-            stream=AiohttpResponseStream(response),
-            request=request,
-            extensions=extensions,
-        )
-
-
-class _NoCookies(httpx.Cookies):
-    """A cookie jar that never stores anything.
-
-    The client is shared by every request of the worker: a `Set-Cookie` from an upstream
-    answering one user must never ride along on the next user's call. (Skipping the jar also
-    saves ~6% of the CPU of a fan-out, measured with py-spy.)
-    """
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
-
-    def set(self, name: str, value: str, domain: str = "", path: str = "/") -> None:
-        return None
-
-
-def build_client(settings: Settings) -> httpx.AsyncClient:
-    """A client on the configured engine with pool limits sized for fan-out concurrency."""
-    limits = httpx.Limits(
-        max_connections=settings.pool_max_connections,
-        max_keepalive_connections=settings.pool_max_keepalive,
-        keepalive_expiry=settings.pool_keepalive_expiry,
-    )
-    kwargs: dict[str, Any] = {"limits": limits, "follow_redirects": False, "trust_env": False}
-    if settings.engine == "aiohttp":
-        transport = _VerbatimUrlTransport(limits=limits, trust_env=False)
-        client: httpx.AsyncClient = HttpxAiohttpClient(transport=transport, **kwargs)
-    else:
-        client = httpx.AsyncClient(transport=_httpx_transport(limits), **kwargs)
-    client._cookies = _NoCookies()  # the public setter would copy into a normal jar
-    return client
 
 
 async def open_shared_client(settings: Settings) -> httpx.AsyncClient:

@@ -8,8 +8,9 @@ import pytest
 from aiohttp import web
 
 from aggregator.config import UpstreamConfig
+from aggregator.engines import build_client
 from aggregator.settings import Engine, Settings
-from aggregator.upstream import build_client, fetch
+from aggregator.upstream import fetch
 
 
 @pytest.fixture

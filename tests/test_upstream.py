@@ -19,10 +19,10 @@ from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
 from aggregator.config import UpstreamConfig, parse_config
 from aggregator.demo.process import DemoProcess
+from aggregator.engines import build_client
 from aggregator.settings import Engine, Settings
 from aggregator.upstream import (
     borrow_client,
-    build_client,
     close_shared_client,
     fetch,
     open_shared_client,
