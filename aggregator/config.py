@@ -186,7 +186,11 @@ class AggregateConfig(_Strict):
         return value
 
     def parse_params(self, args: Mapping[str, list[str]]) -> dict[str, ParamValue]:
-        """Typed parameters from a query string; InvalidRequestError names the first bad one."""
+        """Typed parameters from a query string; InvalidRequestError names the first bad one.
+
+        Unknown parameters are ignored (dashboards add cache-busters such as `_=1700000000`);
+        an empty value of an optional parameter means its default.
+        """
         values: dict[str, ParamValue] = {}
         for name, spec in self.params.items():
             given = args.get(name)

@@ -90,6 +90,15 @@ def test_errors_over_the_wire_are_json(serve, config_path, path, status, needle)
     assert needle in r.text
 
 
+def test_wrong_method_is_a_json_405_naming_the_allowed_ones(serve, config_path):
+    server = serve(config_path)
+    r = httpx.delete(f"{server.url}/api/five?{QUERY}", trust_env=False)
+    assert r.status_code == 405
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["error"] == "Method Not Allowed"
+    assert "GET" in r.headers["allow"]
+
+
 def test_request_body_over_the_limit_is_413(serve, config_path):
     server = serve(config_path, max_request_body="1000")
     r = httpx.post(f"{server.url}/healthz", content=b"x" * 5000, trust_env=False)
