@@ -25,7 +25,7 @@ def create_app(
     app.extensions["aggregator.config"] = config
     errors.init_app(app)
     app.register_blueprint(health.bp)
-    aggregates.register(app, config)
+    aggregates.register(app, settings, config)
     return app
 
 

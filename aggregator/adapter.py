@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from inspect import iscoroutinefunction
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import greenlet
 from asgiref.sync import async_to_sync as asgiref_async_to_sync
@@ -55,6 +55,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class FastAnswer(Protocol):
+    """What a fast path returns for a request it can answer without Flask."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
 
 #: Set in the context of a `def` view sent to the pool, so async code it calls goes back to
 #: the server loop (where the shared client lives) instead of a private loop of asgiref's.
@@ -196,11 +205,15 @@ class ASGIAdapter:
     # -- lifespan -------------------------------------------------------------------------
 
     async def startup(self) -> None:
-        """Open per-process resources on the server loop."""
+        """Open per-process resources on the server loop (the client, then app components)."""
         await upstream.open_shared_client(self.settings)
+        for start, _ in self.app.extensions.get("aggregator.lifespan", []):
+            await start()
 
     async def shutdown(self) -> None:
-        """Close what startup opened; pools finish in-flight work first."""
+        """Close what startup opened, in reverse; pools finish in-flight work first."""
+        for _, stop in reversed(self.app.extensions.get("aggregator.lifespan", [])):
+            await stop()
         await upstream.close_shared_client()
         loop = asyncio.get_running_loop()
         for pool in (self.app.view_pool, self._request_pool):
@@ -239,10 +252,25 @@ class ASGIAdapter:
     async def _http(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
+        hint: Any = None
+        fast_path = self.app.extensions.get("aggregator.fast_path")
+        if fast_path is not None and scope["method"] in ("GET", "HEAD"):
+            # A fresh cache hit is answered here, before Flask: no greenlet, no routing, no
+            # fan-out machinery. Anything else continues into Flask with what was looked up.
+            answer, hint = await fast_path(
+                scope["path"],
+                scope["query_string"].decode("latin-1"),
+                _header(scope, b"if-none-match"),
+            )
+            if answer is not None:
+                await _send_answer(send, answer, head=scope["method"] == "HEAD")
+                return
         body = await self._read_body(scope, receive, send)
         if body is None:
             return
         environ = self._environ(scope, body)
+        if hint is not None:
+            environ["aggregator.hint"] = hint
         task = asyncio.current_task()
         assert task is not None
         disconnected = asyncio.Event()
@@ -319,6 +347,21 @@ class ASGIAdapter:
         status, headers = started[0]
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         return int(status.split(" ", 1)[0]), raw, payload
+
+
+def _header(scope: HTTPScope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _send_answer(send: ASGISendCallable, answer: FastAnswer, *, head: bool) -> None:
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers]
+    headers.append((b"content-length", str(len(answer.body)).encode()))
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    body: bytes = b"" if head else answer.body
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _no_write(data: bytes) -> object:

@@ -12,9 +12,11 @@ from typing import Any
 import click
 import httpx
 
+from aggregator.cache.backends import check_cache_settings
 from aggregator.config import load_config
 from aggregator.errors import ConfigError
 from aggregator.log import configure_logging
+from aggregator.settings import Settings
 
 DEMO_HOST = "127.0.0.1"
 DEMO_PORT = 8101
@@ -126,6 +128,14 @@ def run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
         if overrides.get(flag) is not None:
             setattr(config, attribute, overrides[flag])
     config.application_path = "aggregator.cli:worker_app()"
+    # Workers build their settings from the environment; they must know how many they are
+    # (a per-process cache with several workers is refused).
+    os.environ["AGGREGATOR_WORKERS"] = str(config.workers)
+    try:
+        check_cache_settings(Settings())
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        return 1
     click.echo(
         f"aggregator serving on {', '.join(config.bind)} "
         f"(mode={os.environ.get('AGGREGATOR_MODE', 'loop')}, workers={config.workers})"

@@ -123,6 +123,9 @@ class UpstreamConfig(_Strict):
     connect_timeout: float | None = Field(default=None, gt=0, le=300)
     schema_: str | None = Field(default=None, alias="schema", pattern=r"^[\w.]+:\w+$")
     headers: dict[str, str] = Field(default_factory=dict)
+    #: Seconds to reuse a successful answer. Unset: honour the upstream's Cache-Control
+    #: (max-age; no-store and private mean never); set: this wins; 0: never cache.
+    cache_ttl: float | None = Field(default=None, ge=0, le=86_400)
 
     @field_validator("url", mode="after")
     @classmethod
@@ -169,6 +172,16 @@ class AggregateConfig(_Strict):
     params: dict[str, ParamSpec] = Field(default_factory=dict)
     deadline: float = Field(default=10.0, gt=0, le=600)
     required: list[str] = Field(default_factory=list)
+    #: Seconds a complete answer is served from the cache; 0 turns caching off.
+    cache_ttl: float = Field(default=0.0, ge=0, le=86_400)
+    #: Seconds a partial answer is cached; unset: partial answers are never cached.
+    cache_partial_ttl: float | None = Field(default=None, gt=0, le=3_600)
+    #: After cache_ttl, seconds an entry is still served (X-Cache: STALE) while one background
+    #: refresh runs (stale-while-revalidate).
+    stale_ttl: float = Field(default=0.0, ge=0, le=86_400)
+    #: After cache_ttl, seconds an entry may replace an answer whose refresh failed
+    #: (stale-if-error) instead of a 502/504.
+    stale_if_error_ttl: float = Field(default=0.0, ge=0, le=604_800)
 
     @field_validator("params", mode="before")
     @classmethod

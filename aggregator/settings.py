@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Mode = Literal["loop", "threads", "serial"]
 Engine = Literal["aiohttp", "httpx"]
+CacheType = Literal["simple", "filesystem", "redis", "redissentinel", "rediscluster", "null"]
+#: Backends whose entries live inside one process: useless (and wrong) with several workers.
+PER_PROCESS_CACHES = frozenset({"simple"})
 
 
 class Settings(BaseSettings):
@@ -36,3 +39,26 @@ class Settings(BaseSettings):
     max_request_body: int = Field(default=1024 * 1024, ge=0)
     #: Threads for `def` views (loop mode) or for whole requests (threads mode).
     threads: int = Field(default=64, ge=1)
+    #: Worker processes serving this config (`aggregator serve` sets it from --workers /
+    #: hypercorn.toml); a per-process cache with several workers is refused.
+    workers: int = Field(default=1, ge=1)
+
+    # -- caching (flask-caching backends; DESIGN §5) -----------------------------------------
+    #: simple: one process; filesystem: several workers on one host; redis*: several hosts.
+    cache_type: CacheType = "simple"
+    cache_dir: Path = Path("/tmp/aggregator-cache")
+    cache_redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Comma-separated host:port list (redissentinel) or cluster nodes (rediscluster).
+    cache_redis_nodes: str = ""
+    cache_redis_master: str = "mymaster"
+    cache_key_prefix: str = "aggregator:"
+    #: Bound on every cache call; past it the request is served uncached (X-Cache: BYPASS).
+    cache_timeout: float = Field(default=0.25, gt=0)
+    #: After a cache failure, skip the cache for this long instead of paying the timeout again.
+    cache_retry_after: float = Field(default=1.0, ge=0)
+    #: Seconds between repeated log lines about the same cache problem.
+    cache_log_interval: float = Field(default=30.0, gt=0)
+    #: Longest a request waits for another request's fill of the same key before its own.
+    singleflight_wait: float = Field(default=10.0, gt=0)
+    #: Token for the admin endpoints (Authorization: Bearer ...); unset disables them.
+    admin_token: SecretStr | None = None

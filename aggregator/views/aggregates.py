@@ -1,46 +1,54 @@
-"""One route per configured aggregate: parse parameters, fan out, merge, answer."""
+"""One route per configured aggregate: parse parameters, answer through the cache."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, request
 
-from aggregator.config import AppConfig
+from aggregator import cache
+from aggregator.config import AppConfig, ParamValue
 from aggregator.fanout import fan_out
 from aggregator.merge import merge, server_timing
 from aggregator.settings import Settings
 from aggregator.upstream import borrow_client
 
 
-def register(app: Flask, config: AppConfig) -> None:
-    """Attach a blueprint with one route per aggregate in `config`.
+def register(app: Flask, settings: Settings, config: AppConfig) -> None:
+    """Attach the cache and a blueprint with one route per aggregate in `config`.
 
     The blueprint is built per app because its routes come from that app's config.
     """
+    cache.init_app(app, settings, config, _filler(settings, config))
     bp = Blueprint("aggregates", __name__)
-    for name in config.aggregates:
-        path = config.aggregates[name].path
-        bp.add_url_rule(path, endpoint=name, view_func=_make_view(name), methods=["GET"])
+    for name, agg in config.aggregates.items():
+        bp.add_url_rule(agg.path, endpoint=name, view_func=_make_view(name), methods=["GET"])
     app.register_blueprint(bp)
 
 
-def _make_view(name: str) -> Callable[[], Awaitable[Response]]:
-    async def view() -> Response:
-        config: AppConfig = current_app.extensions["aggregator.config"]
-        settings: Settings = current_app.extensions["aggregator.settings"]
+def _filler(settings: Settings, config: AppConfig) -> cache.FillFn:
+    async def fill(name: str, params: Mapping[str, ParamValue]) -> cache.Filled:
         aggregate = config.aggregates[name]
-        params = aggregate.parse_params(request.args.to_dict(flat=False))
         async with borrow_client(settings) as client:
             results = await fan_out(
                 client, config, aggregate, params, max_body=settings.max_upstream_body
             )
         envelope, status = merge(results, aggregate.required)
-        response = jsonify(envelope.model_dump(mode="json", exclude_none=True))
-        response.status_code = status
-        response.headers["X-Aggregate-Complete"] = "true" if envelope.complete else "false"
-        response.headers["Server-Timing"] = server_timing(results)
-        return response
+        body = envelope.model_dump_json(exclude_none=True).encode()
+        return cache.Filled(status, body, envelope.complete, server_timing(results))
+
+    return fill
+
+
+def _make_view(name: str) -> Callable[[], Awaitable[Response]]:
+    async def view() -> Response:
+        config: AppConfig = current_app.extensions["aggregator.config"]
+        service: cache.AggregateCache = current_app.extensions["aggregator.cache"]
+        query = cache.parse_query(request.environ.get("QUERY_STRING", ""))
+        params = config.aggregates[name].parse_params(query)
+        lookup = request.environ.get("aggregator.hint")
+        answer = await service.answer(name, params, request.headers.get("If-None-Match"), lookup)
+        return Response(answer.body, status=answer.status, headers=answer.headers)
 
     view.__name__ = f"aggregate_{name}"
     view.__doc__ = f"Serve the {name!r} aggregate."

@@ -1,0 +1,82 @@
+"""The cache: flask-caching backends plus what they lack (DESIGN §5).
+
+`init_app` builds the backend, the store around it and the per-process `AggregateCache`, hands
+the adapter its fast path (fresh hits answered before Flask) and registers start/stop with the
+lifespan. Purging lives here too, shared by the CLI and the admin endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flask import Flask
+
+from aggregator.cache.backends import build_cache
+from aggregator.cache.entries import (
+    aggregate_key,
+    aggregate_marker,
+    encode_marker,
+    source_marker,
+)
+from aggregator.cache.service import AggregateCache, Filled, FillFn, Lookup, parse_query
+from aggregator.cache.store import CacheStore, CacheUnavailableError
+from aggregator.config import AppConfig, ParamValue
+from aggregator.settings import Settings
+
+#: Markers outlive every entry they invalidate (the longest window we accept is 7 days).
+_MARKER_TIMEOUT = 8 * 86_400
+
+
+def init_app(app: Flask, settings: Settings, config: AppConfig, fill: FillFn) -> AggregateCache:
+    """Attach the cache to `app`; the adapter runs `app.extensions["aggregator.lifespan"]`."""
+    store = CacheStore(build_cache(app, settings), settings)
+    service = AggregateCache(store, config, settings, fill)
+    app.extensions["aggregator.cache"] = service
+    app.extensions["aggregator.fast_path"] = service.fast_answer
+    app.extensions.setdefault("aggregator.lifespan", []).append((service.start, service.stop))
+    return service
+
+
+async def purge(
+    service: AggregateCache,
+    *,
+    aggregate: str | None = None,
+    params: Mapping[str, ParamValue] | None = None,
+    upstream: str | None = None,
+) -> list[str]:
+    """Invalidate one entry, one aggregate, or an upstream and every aggregate built from it.
+
+    Whole aggregates and upstreams are purged with a marker holding the purge time (entries
+    stored before it read as misses), which works the same on every backend without listing
+    keys. Returns what was purged, for the caller to report.
+    """
+    config = service.config
+    now = service.clock()
+    purged: list[str] = []
+    if aggregate is not None and params is not None:
+        key = aggregate_key(aggregate, params)
+        await service.store.delete_many(key)
+        purged.append(key)
+    elif aggregate is not None:
+        await service.store.set(aggregate_marker(aggregate), encode_marker(now), _MARKER_TIMEOUT)
+        purged.append(f"aggregate {aggregate}")
+    if upstream is not None:
+        await service.store.set(source_marker(upstream), encode_marker(now), _MARKER_TIMEOUT)
+        purged.append(f"upstream {upstream}")
+        for name, agg in config.aggregates.items():
+            if upstream in agg.sources:
+                await service.store.set(aggregate_marker(name), encode_marker(now), _MARKER_TIMEOUT)
+                purged.append(f"aggregate {name}")
+    return purged
+
+
+__all__ = [
+    "AggregateCache",
+    "CacheUnavailableError",
+    "FillFn",
+    "Filled",
+    "Lookup",
+    "init_app",
+    "parse_query",
+    "purge",
+]

@@ -1,0 +1,156 @@
+"""Cache keys, TTL arithmetic and the stored format: the only place that knows them.
+
+An aggregate entry is two JSON documents on two lines: a small meta record (when stored, TTLs,
+status, ETag) and the response body exactly as served, so a hit sends stored bytes without
+re-encoding them. Entries are re-validated on the way out: the meta through its model, the body
+against the ETag digest recorded with it and through the envelope model; anything else is a
+miss, never an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from aggregator.config import AggregateConfig, ParamValue
+from aggregator.models import Envelope
+from aggregator.urltemplate import format_value
+
+FORMAT: Literal[1] = 1
+Freshness = Literal["fresh", "stale", "stale_if_error", "expired"]
+
+
+class AggregateMeta(BaseModel):
+    """What we need to answer from an entry without decoding its body."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = FORMAT
+    stored: float
+    ttl: float
+    stale_ttl: float = 0.0
+    stale_if_error_ttl: float = 0.0
+    status: int
+    complete: bool
+    etag: str
+    timing: str = ""
+
+    def age(self, now: float) -> float:
+        return max(0.0, now - self.stored)
+
+    def freshness(self, now: float) -> Freshness:
+        age = self.age(now)
+        if age < self.ttl:
+            return "fresh"
+        if age < self.ttl + self.stale_ttl:
+            return "stale"
+        if age < self.ttl + self.stale_if_error_ttl:
+            return "stale_if_error"
+        return "expired"
+
+    def backend_timeout(self) -> int:
+        """How long the backend keeps it: past every window it can still be served in."""
+        return math.ceil(self.ttl + max(self.stale_ttl, self.stale_if_error_ttl)) + 1
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateEntry:
+    meta: AggregateMeta
+    body: bytes
+
+
+class SourceEntry(BaseModel):
+    """One upstream's validated payload."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = FORMAT
+    stored: float
+    ttl: float
+    data: Any
+
+
+def etag_for(body: bytes) -> str:
+    """A strong ETag: a digest of the exact bytes served."""
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def canonical_params(params: Mapping[str, ParamValue]) -> str:
+    """Typed values in name order: `?b=2&a=1` and `?a=1&b=2` (or `a=01`) give one key."""
+    return "&".join(
+        f"{name}={quote(format_value(params[name]), safe='')}" for name in sorted(params)
+    )
+
+
+def aggregate_key(name: str, params: Mapping[str, ParamValue]) -> str:
+    return f"agg:{name}:{canonical_params(params)}"
+
+
+def source_key(upstream: str, url: str) -> str:
+    return f"src:{upstream}:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
+
+
+def aggregate_marker(name: str) -> str:
+    """Holds the time of the last purge of an aggregate; older entries are gone."""
+    return f"purged:agg:{name}"
+
+
+def source_marker(upstream: str) -> str:
+    return f"purged:src:{upstream}"
+
+
+def lock_key(key: str) -> str:
+    return f"lock:{key}"
+
+
+def encode_aggregate(meta: AggregateMeta, body: bytes) -> bytes:
+    return meta.model_dump_json().encode() + b"\n" + body
+
+
+def decode_aggregate(raw: object) -> AggregateEntry | None:
+    """The entry, or None when it is missing, corrupted or of another format."""
+    if not isinstance(raw, bytes):
+        return None
+    head, sep, body = raw.partition(b"\n")
+    if not sep:
+        return None
+    try:
+        meta = AggregateMeta.model_validate_json(head)
+        if etag_for(body) != meta.etag:
+            return None
+        Envelope.model_validate_json(body)
+    except ValidationError:
+        return None
+    return AggregateEntry(meta, body)
+
+
+def encode_marker(at: float) -> bytes:
+    return b'{"purged_at": %r}' % at
+
+
+def decode_marker(raw: object) -> float:
+    """The purge time in a marker; 0 when absent or unreadable (nothing purged)."""
+    if not isinstance(raw, bytes):
+        return 0.0
+    try:
+        return float(_Marker.model_validate_json(raw).purged_at)
+    except ValidationError:
+        return 0.0
+
+
+class _Marker(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    purged_at: float
+
+
+def aggregate_ttls(agg: AggregateConfig, complete: bool) -> float:
+    """Seconds a fresh answer is served from cache; 0 means do not store it."""
+    if complete:
+        return agg.cache_ttl
+    return agg.cache_partial_ttl or 0.0

@@ -1,0 +1,314 @@
+"""Answering an aggregate through the cache: hit, stale, single-flight fill, stale-if-error, 304.
+
+A fill (one fan-out for one key) is a task owned by `AggregateCache`, not by the request that
+started it: every concurrent request for the key awaits the same task (bounded by
+`singleflight_wait`, then it fills on its own), a requester that disconnects does not cancel a
+fill others are waiting for, and the lifespan cancels leftovers at shutdown. Stale-while-
+revalidate refreshes use the same tasks, so a key is never refreshed twice at once. With Redis,
+a short `SET NX` lock per key makes other processes wait for the holder's entry instead of
+fanning out themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import parse_qs
+
+from aggregator.cache.entries import (
+    AggregateEntry,
+    AggregateMeta,
+    aggregate_key,
+    aggregate_marker,
+    aggregate_ttls,
+    decode_aggregate,
+    decode_marker,
+    encode_aggregate,
+    etag_for,
+    lock_key,
+)
+from aggregator.cache.store import CacheStore, CacheUnavailableError
+from aggregator.config import AppConfig, ParamValue
+from aggregator.errors import InvalidRequestError
+from aggregator.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+State = Literal["fresh", "stale", "stale_if_error", "expired", "miss", "bypass", "off"]
+_POLL = 0.02  # seconds between looks for another process's fill
+
+
+@dataclass(frozen=True, slots=True)
+class Filled:
+    """One fan-out's answer, ready to send (or one another process stored meanwhile)."""
+
+    status: int
+    body: bytes
+    complete: bool
+    timing: str
+    entry: AggregateEntry | None = None  # set when the answer came from another process
+
+
+FillFn = Callable[[str, Mapping[str, ParamValue]], Awaitable[Filled]]
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """What the cache holds for a key; the adapter hands it to the view so it is read once."""
+
+    name: str
+    params: Mapping[str, ParamValue]
+    state: State
+    entry: AggregateEntry | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def parse_query(query_string: str) -> dict[str, list[str]]:
+    """The one query parser for both the fast path and the view, so both build the same key."""
+    return parse_qs(query_string, keep_blank_values=True)
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    return etag in (t.strip().removeprefix("W/") for t in if_none_match.split(","))
+
+
+class AggregateCache:
+    """The aggregate cache of one worker process."""
+
+    def __init__(
+        self,
+        store: CacheStore,
+        config: AppConfig,
+        settings: Settings,
+        fill: FillFn,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.settings = settings
+        self._fill_fn = fill
+        self.clock = clock
+        self._routes = {agg.path: name for name, agg in config.aggregates.items()}
+        self._inflight: dict[str, asyncio.Task[Filled]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifespan ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Background refreshes run on the loop that started us (the server's)."""
+        self._loop = asyncio.get_running_loop()
+
+    async def stop(self) -> None:
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop = None
+        self.store.close()
+
+    # -- lookups ----------------------------------------------------------------------------
+
+    def caches(self, name: str) -> bool:
+        agg = self.config.aggregates[name]
+        return agg.cache_ttl > 0 or agg.cache_partial_ttl is not None
+
+    async def lookup(self, name: str, params: Mapping[str, ParamValue]) -> Lookup:
+        if not self.caches(name):
+            return Lookup(name, params, "off")
+        key = aggregate_key(name, params)
+        try:
+            raw, marker = await self.store.get_many(key, aggregate_marker(name))
+        except CacheUnavailableError:
+            return Lookup(name, params, "bypass")
+        entry = decode_aggregate(raw)
+        if entry is None:
+            if raw is not None:
+                logger.info("cache entry %s is unreadable; treating it as a miss", key)
+            return Lookup(name, params, "miss")
+        if entry.meta.stored <= decode_marker(marker):
+            return Lookup(name, params, "miss")  # purged after it was stored
+        return Lookup(name, params, entry.meta.freshness(self.clock()), entry)
+
+    async def fast_answer(
+        self, path: str, query_string: str, if_none_match: str | None
+    ) -> tuple[Answer | None, Lookup | None]:
+        """For the adapter, before Flask: the answer to a fresh hit, else what we looked up."""
+        name = self._routes.get(path)
+        if name is None or not self.caches(name):
+            return None, None
+        try:
+            params = self.config.aggregates[name].parse_params(parse_query(query_string))
+        except InvalidRequestError:
+            return None, None  # Flask renders the 400
+        lookup = await self.lookup(name, params)
+        if lookup.state == "fresh" and lookup.entry is not None:
+            return self._from_entry(lookup.entry, "HIT", if_none_match), None
+        return None, lookup
+
+    # -- answering --------------------------------------------------------------------------
+
+    async def answer(
+        self,
+        name: str,
+        params: Mapping[str, ParamValue],
+        if_none_match: str | None,
+        lookup: Lookup | None = None,
+    ) -> Answer:
+        """The response for one request of aggregate `name`."""
+        if lookup is None or lookup.name != name or lookup.params != params:
+            lookup = await self.lookup(name, params)
+        if lookup.state == "fresh" and lookup.entry is not None:
+            return self._from_entry(lookup.entry, "HIT", if_none_match)
+        if lookup.state == "stale" and lookup.entry is not None:
+            self._refresh_in_background(name, params)
+            return self._from_entry(lookup.entry, "STALE", if_none_match)
+        if lookup.state in ("off", "bypass"):
+            filled = await self._fill_fn(name, params)  # uncached: a disconnect cancels it
+            return self._from_filled(filled, None if lookup.state == "off" else "BYPASS", 0)
+        filled = await self._single_flight(name, params)
+        if filled.entry is not None:
+            return self._from_entry(filled.entry, "HIT", if_none_match)
+        if filled.status >= 500 and lookup.entry is not None:
+            if lookup.state in ("stale_if_error", "stale"):
+                logger.info("serving stale %s: its refresh answered %d", name, filled.status)
+                return self._from_entry(lookup.entry, "STALE", if_none_match)
+        ttl = aggregate_ttls(self.config.aggregates[name], filled.complete)
+        return self._from_filled(filled, "MISS", ttl if filled.status == 200 else 0, if_none_match)
+
+    def _from_entry(self, entry: AggregateEntry, how: str, if_none_match: str | None) -> Answer:
+        meta = entry.meta
+        age = meta.age(self.clock())
+        max_age = max(0, int(meta.ttl - age)) if how == "HIT" else 0
+        headers = [
+            ("ETag", meta.etag),
+            ("X-Cache", how),
+            ("Age", str(int(age))),
+            ("Cache-Control", f"max-age={max_age}"),
+            ("X-Aggregate-Complete", "true" if meta.complete else "false"),
+            ("Server-Timing", f'cache;desc="{how.lower()}"'),
+        ]
+        if meta.status == 200 and etag_matches(if_none_match, meta.etag):
+            return Answer(304, headers, b"")
+        return Answer(meta.status, [("Content-Type", "application/json"), *headers], entry.body)
+
+    def _from_filled(
+        self, filled: Filled, how: str | None, ttl: float, if_none_match: str | None = None
+    ) -> Answer:
+        headers = [
+            ("X-Aggregate-Complete", "true" if filled.complete else "false"),
+            ("Server-Timing", filled.timing),
+            ("Cache-Control", f"max-age={int(ttl)}" if ttl > 0 else "no-store"),
+        ]
+        if how is not None:
+            headers += [("X-Cache", how), ("Age", "0")]
+        if filled.status == 200:
+            etag = etag_for(filled.body)
+            headers.append(("ETag", etag))
+            if etag_matches(if_none_match, etag):
+                return Answer(304, headers, b"")
+        return Answer(filled.status, [("Content-Type", "application/json"), *headers], filled.body)
+
+    # -- filling ----------------------------------------------------------------------------
+
+    def _task_for(self, name: str, params: Mapping[str, ParamValue]) -> asyncio.Task[Filled]:
+        key = aggregate_key(name, params)
+        task = self._inflight.get(key)
+        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+            return task
+        task = asyncio.create_task(self._fill_and_store(name, params, key), name=f"fill:{key}")
+        self._inflight[key] = task
+        task.add_done_callback(lambda t: self._forget(key, t))
+        return task
+
+    def _forget(self, key: str, task: asyncio.Task[Filled]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("filling %s failed", key, exc_info=task.exception())
+
+    async def _single_flight(self, name: str, params: Mapping[str, ParamValue]) -> Filled:
+        task = self._task_for(name, params)
+        try:
+            async with asyncio.timeout(self.settings.singleflight_wait):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            logger.warning(
+                "waited %.1f s for a fill of %s; filling alone",
+                self.settings.singleflight_wait,
+                name,
+            )
+            return await self._fill_fn(name, params)
+
+    def _refresh_in_background(self, name: str, params: Mapping[str, ParamValue]) -> None:
+        if self._loop is not asyncio.get_running_loop():
+            # Not started by a lifespan on this loop (Flask's test client, the CLI): a task
+            # would die with the request's private loop, so there is no background refresh.
+            return
+        self._task_for(name, params)
+
+    async def _fill_and_store(
+        self, name: str, params: Mapping[str, ParamValue], key: str
+    ) -> Filled:
+        agg = self.config.aggregates[name]
+        token: str | None = ""
+        with contextlib.suppress(CacheUnavailableError):
+            token = await self.store.try_lock(lock_key(key), agg.deadline + 1.0)
+        if token is None:  # another process is filling this key: wait for its entry
+            entry = await self._await_entry(name, params, key, agg.deadline + 1.0)
+            if entry is not None:
+                return Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry)
+        try:
+            filled = await self._fill_fn(name, params)
+            await self._store(name, key, filled)
+            return filled
+        finally:
+            if token:
+                with contextlib.suppress(CacheUnavailableError):
+                    await self.store.unlock(lock_key(key), token)
+
+    async def _await_entry(
+        self, name: str, params: Mapping[str, ParamValue], key: str, limit: float
+    ) -> AggregateEntry | None:
+        deadline = time.monotonic() + min(limit, self.settings.singleflight_wait)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(_POLL)
+            lookup = await self.lookup(name, params)
+            if lookup.state == "fresh" and lookup.entry is not None:
+                return lookup.entry
+            if lookup.state == "bypass":
+                return None
+        return None
+
+    async def _store(self, name: str, key: str, filled: Filled) -> None:
+        agg = self.config.aggregates[name]
+        ttl = aggregate_ttls(agg, filled.complete) if filled.status == 200 else 0.0
+        if ttl <= 0:
+            return
+        meta = AggregateMeta(
+            stored=self.clock(),
+            ttl=ttl,
+            stale_ttl=agg.stale_ttl,
+            stale_if_error_ttl=agg.stale_if_error_ttl,
+            status=filled.status,
+            complete=filled.complete,
+            etag=etag_for(filled.body),
+            timing=filled.timing,
+        )
+        with contextlib.suppress(CacheUnavailableError):
+            await self.store.set(key, encode_aggregate(meta, filled.body), meta.backend_timeout())
