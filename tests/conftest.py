@@ -25,11 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No AGGREGATOR_* variable from the developer's shell leaks into a test."""
+def clean_environ() -> Iterator[None]:
+    """No AGGREGATOR_* variable leaks into a test, nor out of one (the CLI sets some)."""
+    saved = dict(os.environ)
     for name in list(os.environ):
         if name.startswith("AGGREGATOR_"):
-            monkeypatch.delenv(name)
+            del os.environ[name]
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

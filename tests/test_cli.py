@@ -56,6 +56,7 @@ def test_serve_exports_settings_for_the_worker_processes(runner, monkeypatch, co
 
 
 def test_run_server_applies_overrides_to_the_hypercorn_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("AGGREGATOR_CACHE_TYPE", "filesystem")
     toml = tmp_path / "h.toml"
     toml.write_text('bind = ["127.0.0.1:7000"]\nworkers = 2\naccesslog = "-"\n')
     seen: list[Any] = []
@@ -70,3 +71,11 @@ def test_run_server_applies_overrides_to_the_hypercorn_file(monkeypatch, tmp_pat
     assert config.bind == ["127.0.0.1:7000"]  # not given: the file's value
     assert config.workers == 4  # given: the flag wins
     assert config.application_path == "aggregator.cli:worker_app()"
+    assert os.environ["AGGREGATOR_WORKERS"] == "4"  # the workers' settings see the count
+
+
+def test_run_server_refuses_a_per_process_cache_with_several_workers(monkeypatch, tmp_path):
+    monkeypatch.setattr("hypercorn.run.run", lambda config: pytest.fail("must not start"))
+    toml = tmp_path / "h.toml"
+    toml.write_text("workers = 2\n")
+    assert cli.run_server(toml, {"bind": None, "workers": None}) == 1
