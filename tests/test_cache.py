@@ -14,6 +14,7 @@ from flask import Flask
 from aggregator import create_app, create_asgi_app
 from aggregator.cache import AggregateCache, Filled, purge
 from aggregator.cache.backends import build_cache
+from aggregator.cache.service import Answer
 from aggregator.cache.entries import aggregate_key, canonical_params
 from aggregator.cache.store import CacheStore
 from aggregator.config import ParamValue, parse_config
@@ -64,7 +65,9 @@ class Upstream:
         return Filled(self.status, body, self.complete and self.status == 200, "a;dur=1")
 
 
-def make_cache(extra: str = "cache_ttl = 10", **settings: Any):
+def make_cache(
+    extra: str = "cache_ttl = 10", **settings: Any
+) -> tuple[AggregateCache, Upstream, Clock]:
     config = parse_config(CONFIG.format(extra=extra), "test")
     settings_obj = Settings(cache_type="simple", **settings)
     store = CacheStore(build_cache(Flask("t"), settings_obj), settings_obj)
@@ -73,7 +76,7 @@ def make_cache(extra: str = "cache_ttl = 10", **settings: Any):
     return service, upstream, clock
 
 
-def headers(answer) -> dict[str, str]:
+def headers(answer: Answer) -> dict[str, str]:
     return dict(answer.headers)
 
 
