@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     cache_timeout: float = Field(default=0.25, gt=0)
     #: After a cache failure, skip the cache for this long instead of paying the timeout again.
     cache_retry_after: float = Field(default=1.0, ge=0)
+    #: A fresh entry read from the backend is reused in-process (already decoded and checked)
+    #: for up to this long: hot keys then cost no backend round trip, thread hop or decoding.
+    #: Purges and refreshes by other workers show within this time (a purge from this process
+    #: at once). 0 turns the near cache off.
+    cache_local_ttl: float = Field(default=1.0, ge=0, le=60)
     #: Seconds between repeated log lines about the same cache problem.
     cache_log_interval: float = Field(default=30.0, gt=0)
     #: Longest a request waits for another request's fill of the same key before its own.

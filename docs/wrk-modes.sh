@@ -7,9 +7,11 @@
 #   bash docs/wrk-modes.sh [REPS] [DURATION]                 # bundled demo, /api/dashboard
 #   CONFIGS="loop:aiohttp loop:httpx" CONCURRENCY="64 256" WORKLOAD=k5x100 bash docs/wrk-modes.sh
 #
-# CONFIGS: MODE:ENGINE pairs (default "loop:aiohttp threads:aiohttp"); CONCURRENCY: wrk -c
-# levels (default "16 64"); WORKLOAD: "demo" (the bundled dashboard: 5 sources, slowest
-# 0.25 s) or "k5x100" (5 sources of 100 ms each, DESIGN §1's workload). Needs wrk.
+# CONFIGS: MODE:ENGINE[:CACHE] (default "loop:aiohttp threads:aiohttp"; CACHE is a cache_type,
+# default simple); CONCURRENCY: wrk -c levels (default "16 64"); WORKLOAD: "demo" (the bundled
+# dashboard: 5 sources, slowest 0.25 s), "k5x100" (5 sources of 100 ms each, DESIGN §1's
+# workload, uncached) or "hits" (the k5x100 aggregate cached for an hour: after the warm-up
+# every request is a cache hit). Needs wrk; CACHE=redis needs Redis on 127.0.0.1:6379.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=${1:-3}
@@ -21,26 +23,33 @@ PY=.venv/bin/python
 DEMO_PORT=18101
 DEMO=http://127.0.0.1:$DEMO_PORT
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do while kill -0 "$p" 2>/dev/null; do sleep 0.1; done; done
+}
 trap cleanup EXIT
 
 $PY -m aggregator.demo --port $DEMO_PORT --latency 0.1 >/tmp/wrk-demo.log 2>&1 & pids+=($!)
-if [ "$WORKLOAD" = k5x100 ]; then
+if [ "$WORKLOAD" = k5x100 ] || [ "$WORKLOAD" = hits ]; then
     cfg=$(mktemp --suffix=.toml)
     for s in weather:/weather/{city} stocks:/stocks/{user_id} news:/news profile:/profile/{user_id} \
              recommendations:/recommendations/{user_id}; do
         printf '[upstreams.%s]\nurl = "%s%s"\ntimeout = 5\n\n' "${s%%:*}" "$DEMO" "${s#*:}" >>"$cfg"
     done
     printf '[aggregates.k5]\npath = "/api/dashboard"\nsources = ["weather", "stocks", "news", "profile", "recommendations"]\ndeadline = 10\nparams = { city = "str", user_id = "int" }\n' >>"$cfg"
+    [ "$WORKLOAD" = hits ] && printf 'cache_ttl = 3600\n' >>"$cfg"
     export AGGREGATOR_CONFIG=$cfg
 fi
 declare -A PORT
 port=18001
 for cfgname in $CONFIGS; do
     PORT[$cfgname]=$port
-    AGGREGATOR_MODE=${cfgname%%:*} AGGREGATOR_ENGINE=${cfgname#*:} AGGREGATOR_DEMO_URL=$DEMO \
+    IFS=: read -r mode engine cache <<<"$cfgname"
+    AGGREGATOR_MODE=$mode AGGREGATOR_ENGINE=$engine AGGREGATOR_CACHE_TYPE=${cache:-simple} \
+        AGGREGATOR_CACHE_DIR=$(mktemp -d) AGGREGATOR_CACHE_KEY_PREFIX="wrk-$$-$port:" \
+        AGGREGATOR_DEMO_URL=$DEMO \
         $PY -m hypercorn --bind 127.0.0.1:$port --workers 1 asgi:app \
-        >/tmp/wrk-${cfgname/:/-}.log 2>&1 & pids+=($!)
+        >"/tmp/wrk-${cfgname//:/-}.log" 2>&1 & pids+=($!)
     port=$((port + 1))
 done
 for p in $DEMO_PORT "${PORT[@]}"; do

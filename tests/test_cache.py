@@ -69,6 +69,7 @@ def make_cache(
     extra: str = "cache_ttl = 10", **settings: Any
 ) -> tuple[AggregateCache, Upstream, Clock]:
     config = parse_config(CONFIG.format(extra=extra), "test")
+    settings.setdefault("cache_local_ttl", 0)  # read the backend every time unless a test asks
     settings_obj = Settings(cache_type="simple", **settings)
     store = CacheStore(build_cache(Flask("t"), settings_obj), settings_obj)
     upstream, clock = Upstream(), Clock()
@@ -248,6 +249,33 @@ async def test_a_tampered_body_fails_its_etag_check_and_is_a_miss():
     key = aggregate_key("dash", P)
     raw = service.store.backend.get(key)
     service.store.backend.set(key, raw.replace(b'"call": 1', b'"call": 9'), timeout=60)
+    assert headers(await service.answer("dash", P, None))["X-Cache"] == "MISS"
+    assert upstream.calls == 2
+
+
+async def test_near_cache_skips_the_backend_for_hot_keys_and_a_purge_clears_it():
+    service, upstream, _ = make_cache(cache_local_ttl=30)
+    reads = 0
+    real_get_many = service.store.get_many
+
+    async def counting_get_many(*keys: str) -> list[Any]:
+        nonlocal reads
+        reads += 1
+        return await real_get_many(*keys)
+
+    service.store.get_many = counting_get_many  # type: ignore[method-assign]
+    await service.answer("dash", P, None)  # miss: one read, then stored (and remembered)
+    hits = [await service.answer("dash", P, None) for _ in range(20)]
+    assert {headers(h)["X-Cache"] for h in hits} == {"HIT"} and reads == 1
+    await purge(service, aggregate="dash", params=P)
+    assert headers(await service.answer("dash", P, None))["X-Cache"] == "MISS"
+    assert reads == 2 and upstream.calls == 2
+
+
+async def test_near_cache_never_outlives_the_entry_ttl():
+    service, upstream, clock = make_cache(cache_local_ttl=30)
+    await service.answer("dash", P, None)
+    clock.now += 10.5  # the entry's own TTL (10 s) has run out, though the near cache's has not
     assert headers(await service.answer("dash", P, None))["X-Cache"] == "MISS"
     assert upstream.calls == 2
 

@@ -53,6 +53,7 @@ async def purge(
     config = service.config
     now = service.clock()
     purged: list[str] = []
+    service.forget_local()
     if aggregate is not None and params is not None:
         key = aggregate_key(aggregate, params)
         await service.store.delete_many(key)

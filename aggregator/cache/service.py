@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 State = Literal["fresh", "stale", "stale_if_error", "expired", "miss", "bypass", "off"]
 _POLL = 0.02  # seconds between looks for another process's fill
+_LOCAL_MAX = 10_000  # near-cache entries per process
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,9 @@ class AggregateCache:
         self.clock = clock
         self._routes = {agg.path: name for name, agg in config.aggregates.items()}
         self._inflight: dict[str, asyncio.Task[Filled]] = {}
+        # The near cache: key -> (entry, monotonic time until which it may be reused).
+        self._local: OrderedDict[str, tuple[AggregateEntry, float]] = OrderedDict()
+        self._local_ttl = settings.cache_local_ttl
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifespan ---------------------------------------------------------------------------
@@ -132,6 +137,12 @@ class AggregateCache:
         if not self.caches(name):
             return Lookup(name, params, "off")
         key = aggregate_key(name, params)
+        local = self._local.get(key)
+        if local is not None:
+            near, until = local
+            if time.monotonic() < until and near.meta.freshness(self.clock()) == "fresh":
+                return Lookup(name, params, "fresh", near)
+            del self._local[key]
         try:
             raw, marker = await self.store.get_many(key, aggregate_marker(name))
         except CacheUnavailableError:
@@ -143,7 +154,22 @@ class AggregateCache:
             return Lookup(name, params, "miss")
         if entry.meta.stored <= decode_marker(marker):
             return Lookup(name, params, "miss")  # purged after it was stored
-        return Lookup(name, params, entry.meta.freshness(self.clock()), entry)
+        freshness = entry.meta.freshness(self.clock())
+        if freshness == "fresh":
+            self._remember(key, entry)
+        return Lookup(name, params, freshness, entry)
+
+    def _remember(self, key: str, entry: AggregateEntry) -> None:
+        if self._local_ttl <= 0:
+            return
+        self._local[key] = (entry, time.monotonic() + self._local_ttl)
+        self._local.move_to_end(key)
+        if len(self._local) > _LOCAL_MAX:
+            self._local.popitem(last=False)
+
+    def forget_local(self) -> None:
+        """Drop the near cache (after a purge from this process)."""
+        self._local.clear()
 
     async def fast_answer(
         self, path: str, query_string: str, if_none_match: str | None
@@ -312,3 +338,4 @@ class AggregateCache:
         )
         with contextlib.suppress(CacheUnavailableError):
             await self.store.set(key, encode_aggregate(meta, filled.body), meta.backend_timeout())
+            self._remember(key, AggregateEntry(meta, filled.body))
