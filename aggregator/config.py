@@ -262,7 +262,7 @@ def _cross_problems(config: AppConfig) -> list[str]:
     paths: dict[str, str] = {}
     for name, agg in config.aggregates.items():
         where = f"aggregates.{name}"
-        if agg.path in RESERVED_PATHS:
+        if agg.path in RESERVED_PATHS or agg.path.startswith("/admin/"):
             problems.append(f"{where}.path: {agg.path} is reserved")
         elif agg.path in paths:
             problems.append(f"{where}.path: {agg.path} is already used by {paths[agg.path]}")

@@ -180,6 +180,11 @@ def test_a_valid_config_file_loads(write_config: WriteConfig) -> None:
             id="reserved-path",
         ),
         pytest.param(
+            toml().replace('path = "/api/a"', 'path = "/admin/purge"'),
+            "aggregates.a.path: /admin/purge is reserved",
+            id="reserved-admin-path",
+        ),
+        pytest.param(
             toml().replace('path = "/api/a"', 'path = "api/a"'),
             "aggregates.a.path: String should match pattern",
             id="path-without-slash",
