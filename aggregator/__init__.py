@@ -10,7 +10,7 @@ from aggregator.adapter import AggregatorFlask, ASGIAdapter
 from aggregator.config import AppConfig, load_config
 from aggregator.errors import ConfigError
 from aggregator.settings import Settings
-from aggregator.views import aggregates, errors, health
+from aggregator.views import admin, aggregates, errors, health
 
 
 def create_app(
@@ -25,6 +25,7 @@ def create_app(
     app.extensions["aggregator.config"] = config
     errors.init_app(app)
     app.register_blueprint(health.bp)
+    app.register_blueprint(admin.bp)
     aggregates.register(app, settings, config)
     return app
 

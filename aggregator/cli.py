@@ -1,7 +1,8 @@
-"""The `aggregator` command: serve, demo, check-config; each calls one library function."""
+"""The `aggregator` command: serve, demo, check-config, cache purge; each calls one function."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sys
@@ -11,12 +12,16 @@ from typing import Any
 
 import click
 import httpx
+from pydantic import ValidationError
 
+from aggregator import create_app
+from aggregator.cache import AggregateCache, CacheUnavailableError, purge
 from aggregator.cache.backends import check_cache_settings
-from aggregator.config import load_config
-from aggregator.errors import ConfigError
+from aggregator.config import AppConfig, ParamValue, load_config
+from aggregator.errors import ConfigError, InvalidRequestError
 from aggregator.log import configure_logging
 from aggregator.settings import Settings
+from aggregator.views.admin import check_target, typed_params
 
 DEMO_HOST = "127.0.0.1"
 DEMO_PORT = 8101
@@ -141,6 +146,118 @@ def run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
         f"(mode={os.environ.get('AGGREGATOR_MODE', 'loop')}, workers={config.workers})"
     )
     return run(config)
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """Manage the shared aggregate cache (filesystem or Redis)."""
+
+
+@cache_group.command("purge")
+@click.argument("aggregate", required=False)
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    metavar="NAME=VALUE",
+    callback=lambda _ctx, _param, values: _key_values(values),
+    help="Purge only the entry of these parameters (repeatable), typed as in a request.",
+)
+@click.option("--upstream", help="Purge this upstream and every aggregate built from it.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML config; default: $AGGREGATOR_CONFIG, else the bundled demo.",
+)
+def cache_purge(
+    aggregate: str | None,
+    params: dict[str, str],
+    upstream: str | None,
+    config_file: Path | None,
+) -> None:
+    """Purge AGGREGATE (one entry with --param), and/or an --upstream and its aggregates.
+
+    Works on the shared caches (filesystem, Redis) the servers use, with the same AGGREGATOR_*
+    settings. A per-process (simple) cache lives inside each server: use POST /admin/purge.
+    Exit 0 when purged, 2 for a usage error, 1 when the config or the cache is unusable.
+    """
+    if params and aggregate is None:
+        raise click.UsageError("--param needs an AGGREGATE")
+    if aggregate is None and upstream is None:
+        raise click.UsageError("give an AGGREGATE, --upstream NAME, or both")
+    try:
+        settings = Settings() if config_file is None else Settings(config=config_file)
+        config = load_config(settings.config)
+    except (ConfigError, ValidationError) as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    if settings.cache_type in ("simple", "null"):
+        what = (
+            "caches nothing"
+            if settings.cache_type == "null"
+            else "is a per-process cache: it lives inside each server, out of this command's reach"
+        )
+        click.echo(
+            f"Error: cache_type={settings.cache_type!r} {what}. "
+            "Purge through the running server instead: POST /admin/purge "
+            "with 'Authorization: Bearer <AGGREGATOR_ADMIN_TOKEN>'. This command purges shared "
+            "caches (filesystem, redis): run it with the servers' AGGREGATOR_CACHE_* settings.",
+            err=True,
+        )
+        sys.exit(2)
+    try:
+        check_target(config, aggregate, upstream)
+    except InvalidRequestError as exc:
+        hint = "AGGREGATE" if exc.field == "aggregate" else "--upstream"
+        raise click.BadParameter(exc.reason, param_hint=hint) from None
+    typed = None
+    if aggregate is not None and params:
+        try:
+            typed = typed_params(config.aggregates[aggregate], params)
+        except InvalidRequestError as exc:
+            raise click.BadParameter(f"{exc.field}: {exc.reason}", param_hint="--param") from None
+    configure_logging()
+    try:
+        purged = purge_cache(settings, config, aggregate=aggregate, params=typed, upstream=upstream)
+    except CacheUnavailableError as exc:
+        click.echo(f"Error: the {settings.cache_type} cache is unreachable: {exc}", err=True)
+        sys.exit(1)
+    except ConfigError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"purged {', '.join(purged)} ({settings.cache_type} cache)")
+
+
+def purge_cache(
+    settings: Settings,
+    config: AppConfig,
+    *,
+    aggregate: str | None,
+    params: dict[str, ParamValue] | None,
+    upstream: str | None,
+) -> list[str]:
+    """Build the app as a server would and run `cache.purge` on its cache; what was purged."""
+    app = create_app(settings, config)
+    service: AggregateCache = app.extensions["aggregator.cache"]
+    try:
+        return asyncio.run(purge(service, aggregate=aggregate, params=params, upstream=upstream))
+    finally:
+        service.store.close()
+
+
+def _key_values(values: tuple[str, ...]) -> dict[str, str]:
+    """`NAME=VALUE` pairs as a dict; a pair without `=` or a name given twice is a usage error."""
+    pairs: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--param")
+        if name in pairs:
+            raise click.BadParameter(f"{name}: given more than once", param_hint="--param")
+        pairs[name] = value
+    return pairs
 
 
 @contextlib.contextmanager

@@ -1,0 +1,159 @@
+"""Admin endpoints, behind a bearer token: purge cached answers without restarting anything.
+
+`POST /admin/purge` takes `{"aggregate": NAME}`, `{"aggregate": NAME, "params": {...}}` or
+`{"upstream": NAME}` (aggregate and upstream may be combined). Parameters are typed, validated
+and defaulted exactly as a live request's query string, so `{"user_id": "07"}` purges the entry
+that `?user_id=7` filled. The token (AGGREGATOR_ADMIN_TOKEN) never appears in a log line or a
+response. `check_target` and `typed_params` are shared with `aggregator cache purge`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from aggregator.cache import AggregateCache, CacheUnavailableError, purge
+from aggregator.config import AggregateConfig, AppConfig, ParamValue
+from aggregator.errors import InvalidRequestError
+from aggregator.settings import Settings
+from aggregator.views.errors import error_response
+
+logger = logging.getLogger(__name__)
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+_BODY_KEYS = ("aggregate", "params", "upstream")
+
+
+class UnknownTargetError(InvalidRequestError):
+    """The aggregate or upstream to purge is not in the config (404)."""
+
+    status = 404
+
+
+def check_target(config: AppConfig, aggregate: str | None, upstream: str | None) -> None:
+    """Raise UnknownTargetError naming the field when a name is not configured."""
+    for field, name, known in (
+        ("aggregate", aggregate, config.aggregates),
+        ("upstream", upstream, config.upstreams),
+    ):
+        if name is not None and name not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise UnknownTargetError(field, f"unknown {field} {name!r} (known: {names})")
+
+
+def typed_params(agg: AggregateConfig, raw: Mapping[str, str]) -> dict[str, ParamValue]:
+    """`raw` typed, validated and defaulted as a live query string; unknown names are errors.
+
+    A live request ignores unknown parameters (cache-busters); a purge must not, or a typo in
+    an optional parameter's name would silently purge its default's entry instead.
+    """
+    unknown = sorted(raw.keys() - agg.params.keys())
+    if unknown:
+        known = ", ".join(agg.params) or "none"
+        raise InvalidRequestError(unknown[0], f"unknown parameter (known: {known})")
+    return agg.parse_params({name: [value] for name, value in raw.items()})
+
+
+@bp.post("/purge")
+async def purge_cache() -> Response:
+    """Purge one entry, one aggregate, or an upstream and every aggregate built from it."""
+    denied = _check_token()
+    if denied is not None:
+        return denied
+    config: AppConfig = current_app.extensions["aggregator.config"]
+    service: AggregateCache = current_app.extensions["aggregator.cache"]
+    aggregate, raw_params, upstream = _parse_body(request.get_json(force=True, silent=True))
+    check_target(config, aggregate, upstream)
+    params = None
+    if aggregate is not None and raw_params is not None:
+        try:
+            params = typed_params(config.aggregates[aggregate], raw_params)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"params.{exc.field}", exc.reason) from None
+    try:
+        purged = await purge(service, aggregate=aggregate, params=params, upstream=upstream)
+    except CacheUnavailableError as exc:
+        logger.warning("admin purge failed: %s", exc)
+        return error_response(
+            503, "the cache backend is unreachable; the purge did not complete, retry it"
+        )
+    logger.info("admin purge: %s", ", ".join(purged))
+    return jsonify(purged=purged)
+
+
+def _check_token() -> Response | None:
+    """None when the request carries the admin token, else the 401 to send."""
+    settings: Settings = current_app.extensions["aggregator.settings"]
+    secret = settings.admin_token.get_secret_value() if settings.admin_token else ""
+    if not secret:  # an empty token would let `Authorization: Bearer ` in
+        return _unauthorized(
+            "the admin endpoints are disabled: set AGGREGATOR_ADMIN_TOKEN on the server to a "
+            "long random secret and send it as 'Authorization: Bearer <token>'",
+            "no token configured",
+        )
+    scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+    given = given.strip()
+    if scheme.lower() != "bearer" or not given:
+        return _unauthorized("send the admin token as 'Authorization: Bearer <token>'", "no token")
+    # Header values are latin-1 decoded bytes (WSGI): compare the bytes the client sent with
+    # the secret's UTF-8 bytes, in constant time so the comparison leaks nothing but length.
+    if not hmac.compare_digest(given.encode("latin-1", "replace"), secret.encode()):
+        return _unauthorized("the admin token is wrong", "wrong token")
+    return None
+
+
+def _unauthorized(message: str, reason: str) -> Response:
+    logger.warning("admin request refused (%s) from %s", reason, request.remote_addr)
+    response = error_response(401, message)
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+def _parse_body(body: Any) -> tuple[str | None, dict[str, str] | None, str | None]:
+    """`(aggregate, params, upstream)` from the JSON body; InvalidRequestError names the field."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError(
+            "body", 'must be a JSON object such as {"aggregate": "dashboard"}'
+        )
+    for key in body:
+        if key not in _BODY_KEYS:
+            raise InvalidRequestError(key, "unknown key (expected aggregate, params, upstream)")
+    aggregate = _name(body, "aggregate")
+    upstream = _name(body, "upstream")
+    raw = body.get("params")
+    if raw is None and "params" not in body:
+        params = None
+    elif not isinstance(raw, dict):
+        raise InvalidRequestError("params", "must be an object of parameter values")
+    elif aggregate is None:
+        raise InvalidRequestError("params", "given without an aggregate")
+    else:
+        params = {str(name): _query_value(f"params.{name}", value) for name, value in raw.items()}
+    if aggregate is None and upstream is None:
+        raise InvalidRequestError("body", 'needs "aggregate" (maybe with "params") or "upstream"')
+    return aggregate, params, upstream
+
+
+def _name(body: dict[str, Any], key: str) -> str | None:
+    if key not in body:
+        return None
+    value = body[key]
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(key, "must be a non-empty string")
+    return value
+
+
+def _query_value(field: str, value: object) -> str:
+    """A JSON scalar as the query-string text a live request would carry."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return repr(value)
+    raise InvalidRequestError(field, "must be a string, number or boolean")
