@@ -20,7 +20,9 @@ def merge(results: Mapping[str, SourceResult], required: Sequence[str]) -> tuple
         for name, r in results.items()
         if not r.ok
     }
-    sources = {name: SourceInfo(status=r.status, ms=r.ms) for name, r in results.items()}
+    sources = {
+        name: SourceInfo(status=r.status, ms=r.ms, cache=r.cache) for name, r in results.items()
+    }
     envelope = Envelope(data=data, errors=errors, sources=sources, complete=not errors)
     return envelope, _status(results, required)
 

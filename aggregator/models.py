@@ -22,6 +22,26 @@ SourceStatus = Literal[
     "circuit_open",
 ]
 
+#: Where a source's data came from when a source cache was consulted for it.
+SourceCacheState = Literal["hit", "miss"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheControl:
+    """What an upstream said about caching its answer (Cache-Control and Age), not a decision.
+
+    Seconds are None when the directive was absent; an unreadable value reads as 0 (stale), as
+    RFC 9111 §4.2.1 recommends. The cache package turns this into a TTL.
+    """
+
+    max_age: float | None = None
+    s_maxage: float | None = None
+    no_store: bool = False
+    no_cache: bool = False
+    private: bool = False
+    #: Seconds the answer had already spent in caches on its way (the Age header).
+    age: float = 0.0
+
 
 @dataclass(slots=True)
 class SourceResult:
@@ -34,6 +54,10 @@ class SourceResult:
     detail: str | None = None
     upstream_status: int | None = None
     locations: list[str] = field(default_factory=list)
+    #: The upstream's caching headers (successful calls only).
+    cache_control: CacheControl | None = None
+    #: "hit" or "miss" when a source cache was consulted for this source, else None.
+    cache: SourceCacheState | None = None
 
     @property
     def ok(self) -> bool:
@@ -50,10 +74,11 @@ class SourceError(BaseModel):
 
 
 class SourceInfo(BaseModel):
-    """Per-source status and timing, present for every source."""
+    """Per-source status and timing, present for every source; `cache` only when one applied."""
 
     status: SourceStatus
     ms: float
+    cache: SourceCacheState | None = None
 
 
 class Envelope(BaseModel):

@@ -8,6 +8,10 @@ for its own loop instead: clients are looked up per running loop, never assumed.
 `fetch` never raises: every failure becomes a `SourceResult` with an error kind, so one bad
 source cannot cancel its siblings. httpx has no total-time timeout (a slowly dripping body
 outlives `timeout=`), so the whole call runs under `asyncio.timeout`.
+
+A successful result also carries what the upstream said about caching it (`Cache-Control` and
+`Age`, parsed by `parse_cache_control`); what that means for how long to keep it is decided in
+the cache package, not here.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import weakref
 from collections.abc import AsyncIterator, Mapping
@@ -34,10 +39,17 @@ from aggregator.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
 )
-from aggregator.models import SourceResult
+from aggregator.models import CacheControl, SourceResult
 from aggregator.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+#: One list element of a header: quoted strings may hold commas (RFC 9110 §5.6.1).
+_ELEMENT = re.compile(r'(?:"(?:[^"\\]|\\.)*"?|[^,"])+')
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+_QUOTED_PAIR = re.compile(r"\\(.)")
+#: RFC 9111 §1.2.2: a larger delta-seconds is taken as 2^31.
+_MAX_DELTA = 2**31
 
 # Clients opened by the ASGI lifespan, keyed by the loop they live on.
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
@@ -91,21 +103,70 @@ async def fetch(
     url = upstream.template.render(params)
     try:
         async with asyncio.timeout(upstream.timeout):
-            data = await _get_json(client, name, url, upstream, max_body)
+            data, cache_control = await _get_json(client, name, url, upstream, max_body)
     except UpstreamError as exc:
         result = _failure(name, exc, started)
     except TimeoutError:
         err = UpstreamTimeoutError(name, f"no full answer within {upstream.timeout:g} s")
         result = _failure(name, err, started)
     else:
-        result = SourceResult(name=name, status="ok", ms=_ms(started), data=data)
+        result = SourceResult(
+            name=name, status="ok", ms=_ms(started), data=data, cache_control=cache_control
+        )
     logger.debug("upstream %s %s %.1f ms", name, result.status, result.ms)
     return result
 
 
+def parse_cache_control(header: str | None, age: str | None = None) -> CacheControl:
+    """What `Cache-Control` (and `Age`) headers say, read leniently as RFC 9111 asks.
+
+    Directive names are case-insensitive; arguments may be tokens or quoted strings; a repeated
+    directive counts once (its first value); qualified `no-cache="field"` and `private="field"`
+    count as the plain directives; an unreadable number of seconds reads as 0 (stale).
+    """
+    found: dict[str, str | None] = {}
+    for element in _ELEMENT.findall(header or ""):
+        raw_name, eq, raw_value = element.partition("=")
+        name = raw_name.strip().lower()
+        if not _TOKEN.fullmatch(name):
+            continue
+        value = raw_value.strip()
+        if value.startswith('"'):
+            value = _QUOTED_PAIR.sub(r"\1", value[1:-1] if value.endswith('"') else value[1:])
+        found.setdefault(name, value if eq else None)
+    return CacheControl(
+        max_age=_seconds(found, "max-age"),
+        s_maxage=_seconds(found, "s-maxage"),
+        no_store="no-store" in found,
+        no_cache="no-cache" in found,
+        private="private" in found,
+        age=_first_delta(age),
+    )
+
+
+def _seconds(found: Mapping[str, str | None], directive: str) -> float | None:
+    if directive not in found:
+        return None
+    return _delta(found[directive]) or 0.0  # present but unreadable: stale
+
+
+def _first_delta(header: str | None) -> float:
+    """Age: its first list member (RFC 9111 §5.1); ignored (0) when unreadable."""
+    if header is None:
+        return 0.0
+    return _delta(header.split(",")[0].strip()) or 0.0
+
+
+def _delta(value: str | None) -> float | None:
+    """delta-seconds (digits only), capped at 2^31; None when it is not one."""
+    if value is None or not value.isascii() or not value.isdigit():
+        return None
+    return float(min(int(value), _MAX_DELTA))
+
+
 async def _get_json(
     client: httpx.AsyncClient, name: str, url: str, upstream: UpstreamConfig, max_body: int
-) -> Any:
+) -> tuple[Any, CacheControl]:
     timeout = httpx.Timeout(
         upstream.timeout,
         connect=upstream.connect_timeout or upstream.timeout,
@@ -117,6 +178,9 @@ async def _get_json(
                     name, f"answered HTTP {resp.status_code}", status=resp.status_code
                 )
             body = await _read_limited(resp, name, max_body)
+            cache_control = parse_cache_control(
+                resp.headers.get("cache-control"), resp.headers.get("age")
+            )
     except httpx.TimeoutException as exc:
         if _is_aiohttp_disconnect(exc):
             raise UpstreamUnavailableError(name, _describe(exc)) from exc
@@ -137,9 +201,9 @@ async def _get_json(
         ) from None
     model = upstream.model
     if model is None:
-        return payload
+        return payload, cache_control
     try:
-        return model.model_validate(payload).model_dump(mode="json")
+        return model.model_validate(payload).model_dump(mode="json"), cache_control
     except ValidationError as exc:
         locations = [".".join(str(p) for p in e["loc"]) or "(root)" for e in exc.errors()]
         raise UpstreamInvalidPayloadError(

@@ -112,6 +112,21 @@ async def test_bad_knob_is_400_naming_it(client: Client) -> None:
         assert (await response.json())["knob"] == knob
 
 
+async def test_cc_knob_sets_cache_control_verbatim(client: Client) -> None:
+    """cc lets tests play an upstream that allows (or forbids) caching its answer."""
+    plain = await client.get("/weather/Paris")
+    cached = await client.get("/weather/Paris?cc=max-age%3D60%2C%20s-maxage%3D30")
+    failed = await client.get("/weather/Paris?cc=no-store&status=503")
+    dripped = await client.get("/weather/Paris?cc=private&drip=0.1")
+    broken = await client.get("/weather/Paris?cc=max-age%3D1%0D%0AX-Evil%3A%201")
+    assert "Cache-Control" not in plain.headers
+    assert cached.status == 200 and cached.headers["Cache-Control"] == "max-age=60, s-maxage=30"
+    assert failed.status == 503 and failed.headers["Cache-Control"] == "no-store"
+    assert dripped.headers["Cache-Control"] == "private"
+    assert Weather.model_validate_json(await dripped.read()).city == "Paris"
+    assert broken.status == 400 and (await broken.json())["knob"] == "cc"
+
+
 async def test_delay_and_size(client: Client) -> None:
     """delay slows the answer and size pads it while keeping it valid JSON."""
     started = time.perf_counter()

@@ -1,8 +1,9 @@
 """The cache: flask-caching backends plus what they lack (DESIGN §5).
 
-`init_app` builds the backend, the store around it and the per-process `AggregateCache`, hands
-the adapter its fast path (fresh hits answered before Flask) and registers start/stop with the
-lifespan. Purging lives here too, shared by the CLI and the admin endpoint.
+`init_app` builds the backend, the store around it, the per-process `AggregateCache` and the
+`SourceCache` (per-upstream payloads, same store), hands the adapter its fast path (fresh hits
+answered before Flask) and registers start/stop with the lifespan. Purging lives here too,
+shared by the CLI and the admin endpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aggregator.cache.entries import (
     source_marker,
 )
 from aggregator.cache.service import AggregateCache, Filled, FillFn, Lookup, parse_query
+from aggregator.cache.sources import SourceCache
 from aggregator.cache.store import CacheStore, CacheUnavailableError
 from aggregator.config import AppConfig, ParamValue
 from aggregator.settings import Settings
@@ -32,6 +34,8 @@ def init_app(app: Flask, settings: Settings, config: AppConfig, fill: FillFn) ->
     store = CacheStore(build_cache(app, settings), settings)
     service = AggregateCache(store, config, settings, fill)
     app.extensions["aggregator.cache"] = service
+    # Same store and clock as the aggregates: purge markers and entries compare times.
+    app.extensions["aggregator.source_cache"] = SourceCache(store, config, clock=service.clock)
     app.extensions["aggregator.fast_path"] = service.fast_answer
     app.extensions.setdefault("aggregator.lifespan", []).append((service.start, service.stop))
     return service
@@ -77,6 +81,7 @@ __all__ = [
     "FillFn",
     "Filled",
     "Lookup",
+    "SourceCache",
     "init_app",
     "parse_query",
     "purge",

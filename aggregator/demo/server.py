@@ -1,4 +1,11 @@
-"""aiohttp app serving the slow, deterministic demo upstreams, so benchmarks never wait on it."""
+"""aiohttp app serving the slow, deterministic demo upstreams, so benchmarks never wait on it.
+
+Per-request knobs in the query string shape each answer:
+`delay=S` and `jitter=S` (seconds before answering), `fail=P` (chance of a 503), `status=N`
+(answer HTTP N), `drip=S` (send the body over S seconds), `size=N` (pad the body to N bytes),
+`invalid=1` (cut JSON), `html=1` (an HTML page), `shape=wrong` (JSON of the wrong shape), and
+`cc=VALUE` (send `Cache-Control: VALUE` verbatim, e.g. `cc=max-age%3D60`).
+"""
 
 from __future__ import annotations
 
@@ -83,6 +90,7 @@ class _RequestKnobs:
     invalid: bool = False
     html: bool = False
     wrong_shape: bool = False
+    cache_control: str | None = None
 
 
 class _BadKnob(ValueError):
@@ -287,6 +295,14 @@ def _flag(query: Mapping[str, str], knob: str) -> bool:
     raise _BadKnob(knob, f"{raw!r} is not a boolean")
 
 
+def _header_value(query: Mapping[str, str], knob: str) -> str | None:
+    """Parse a knob sent verbatim as a header value (no line breaks, no NUL)."""
+    raw = query.get(knob)
+    if raw is not None and any(c in raw for c in "\r\n\0"):
+        raise _BadKnob(knob, "a header value cannot contain line breaks or NUL")
+    return raw
+
+
 def _parse_knobs(query: Mapping[str, str], defaults: Knobs) -> _RequestKnobs:
     """Resolve the per-request knobs over the server-wide defaults."""
     delay = _number(query, "delay", defaults.latency, 3600.0)
@@ -307,6 +323,7 @@ def _parse_knobs(query: Mapping[str, str], defaults: Knobs) -> _RequestKnobs:
         invalid=_flag(query, "invalid"),
         html=_flag(query, "html"),
         wrong_shape=shape == "wrong",
+        cache_control=_header_value(query, "cc"),
     )
 
 
@@ -324,6 +341,12 @@ def _error(status: int, service: str, message: str, **extra: Any) -> web.Respons
     return _json(status, {"error": message, "service": service, "status": status, **extra})
 
 
+def _with_headers(response: web.Response, headers: Mapping[str, str]) -> web.Response:
+    """Add headers to a response that has not been sent yet."""
+    response.headers.update(headers)
+    return response
+
+
 def _rechunk(parts: Iterable[bytes], size: int) -> Iterator[bytes]:
     """Re-slice a byte stream into pieces of exactly size bytes (except the last)."""
     buf = bytearray()
@@ -336,10 +359,16 @@ def _rechunk(parts: Iterable[bytes], size: int) -> Iterator[bytes]:
         yield bytes(buf)
 
 
-async def _send(request: web.Request, body: bytes, size: int, drip: float) -> web.StreamResponse:
+async def _send(
+    request: web.Request,
+    body: bytes,
+    size: int,
+    drip: float,
+    headers: Mapping[str, str] | None = None,
+) -> web.StreamResponse:
     """Send a JSON body, padded to size bytes and/or dripped over drip seconds, without copies."""
     if size <= len(body) and drip <= 0:
-        return web.Response(body=body, content_type="application/json")
+        return web.Response(body=body, content_type="application/json", headers=headers)
     if size > len(body):
         pad = max(0, size - len(body) + 1 - len(_PAD_OPEN) - len(_PAD_CLOSE))
         full, rest = divmod(pad, _CHUNK)
@@ -348,7 +377,7 @@ async def _send(request: web.Request, body: bytes, size: int, drip: float) -> we
         total = len(head[0]) + pad + len(_PAD_CLOSE)
     else:
         parts, total = [body], len(body)
-    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response = web.StreamResponse(headers={**(headers or {}), "Content-Type": "application/json"})
     response.content_length = total
     await response.prepare(request)
     pause = 0.0
@@ -387,17 +416,19 @@ async def _serve(
         delay = knobs.delay + (random.uniform(0.0, knobs.jitter) if knobs.jitter else 0.0)
         if delay > 0:
             await asyncio.sleep(delay)
+        headers = {} if knobs.cache_control is None else {"Cache-Control": knobs.cache_control}
         if knobs.status is not None:
-            return _error(knobs.status, service, f"status {knobs.status} forced by knob")
+            failure = _error(knobs.status, service, f"status {knobs.status} forced by knob")
+            return _with_headers(failure, headers)
         if knobs.fail and random.random() < knobs.fail:
-            return _error(503, service, "random failure injected by knob")
+            return _with_headers(_error(503, service, "random failure injected by knob"), headers)
         if knobs.html:
-            return web.Response(body=_HTML, content_type="text/html")
+            return web.Response(body=_HTML, content_type="text/html", headers=headers)
         if knobs.invalid:
-            return await _send(request, body[: len(body) // 2], 0, knobs.drip)
+            return await _send(request, body[: len(body) // 2], 0, knobs.drip, headers)
         if knobs.wrong_shape:
             body = json.dumps(_WRONG_SHAPES[service]).encode()
-        return await _send(request, body, knobs.size, knobs.drip)
+        return await _send(request, body, knobs.size, knobs.drip, headers)
     finally:
         stats.in_flight -= 1
 

@@ -19,19 +19,27 @@ def register(app: Flask, settings: Settings, config: AppConfig) -> None:
 
     The blueprint is built per app because its routes come from that app's config.
     """
-    cache.init_app(app, settings, config, _filler(settings, config))
+    cache.init_app(app, settings, config, _filler(app, settings, config))
     bp = Blueprint("aggregates", __name__)
     for name, agg in config.aggregates.items():
         bp.add_url_rule(agg.path, endpoint=name, view_func=_make_view(name), methods=["GET"])
     app.register_blueprint(bp)
 
 
-def _filler(settings: Settings, config: AppConfig) -> cache.FillFn:
+def _filler(app: Flask, settings: Settings, config: AppConfig) -> cache.FillFn:
     async def fill(name: str, params: Mapping[str, ParamValue]) -> cache.Filled:
         aggregate = config.aggregates[name]
+        # Looked up per fill: init_app creates it after this function (and fills also run in
+        # background refreshes, outside any app context).
+        sources: cache.SourceCache | None = app.extensions.get("aggregator.source_cache")
         async with borrow_client(settings) as client:
             results = await fan_out(
-                client, config, aggregate, params, max_body=settings.max_upstream_body
+                client,
+                config,
+                aggregate,
+                params,
+                max_body=settings.max_upstream_body,
+                source_cache=sources,
             )
         envelope, status = merge(results, aggregate.required)
         body = envelope.model_dump_json(exclude_none=True).encode()

@@ -1,0 +1,148 @@
+"""The source cache: one upstream's validated payload, reused across aggregates and parameters.
+
+An aggregate entry is keyed by aggregate and parameters; a source entry by upstream and the URL
+the parameters render, so two aggregates (or two parameter sets) that make the same upstream call
+share it. How long a payload is kept is decided here (`source_ttl`): the upstream's `cache_ttl`
+when the config sets one (0 = never), else what the upstream's `Cache-Control` allows a shared
+cache (s-maxage over max-age, minus `Age`; never with no-store, no-cache or private, nor without
+a max-age). Only successful, validated payloads are stored.
+
+A fan-out reads every source entry of its aggregate, and the purge markers of their upstreams,
+in ONE `get_many`; each payload is re-validated through its upstream's model on the way out, and
+anything unreadable, expired or older than its upstream's purge marker is a miss. A sick backend
+(`CacheUnavailableError`) only means no source caching for that request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+
+from pydantic import ValidationError
+
+from aggregator.cache.entries import SourceEntry, decode_marker, source_key, source_marker
+from aggregator.cache.store import CacheStore, CacheUnavailableError
+from aggregator.config import AggregateConfig, AppConfig, ParamValue, UpstreamConfig
+from aggregator.models import CacheControl, SourceResult
+
+logger = logging.getLogger(__name__)
+
+#: The longest an upstream's own Cache-Control can make us keep its payload (as `cache_ttl`).
+MAX_SOURCE_TTL = 86_400.0
+
+
+def source_ttl(upstream: UpstreamConfig, cache_control: CacheControl | None) -> float:
+    """Seconds to keep an upstream's successful payload; 0 means do not store it."""
+    if upstream.cache_ttl is not None:
+        return upstream.cache_ttl  # the operator's word wins, whatever the upstream says
+    cc = cache_control
+    if cc is None or cc.no_store or cc.no_cache or cc.private:
+        # no-cache would need a revalidation per use, which we do not do: never store.
+        return 0.0
+    lifetime = cc.s_maxage if cc.s_maxage is not None else cc.max_age  # we are a shared cache
+    if lifetime is None:
+        return 0.0
+    return min(max(0.0, lifetime - cc.age), MAX_SOURCE_TTL)
+
+
+class SourceCache:
+    """Per-upstream payloads in the same store as the aggregate entries."""
+
+    def __init__(
+        self,
+        store: CacheStore,
+        config: AppConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cache_store = store
+        self.config = config
+        self.clock = clock
+
+    def applies(self, upstream: str) -> bool:
+        """False for an upstream configured never to be cached (`cache_ttl = 0`)."""
+        return self.config.upstreams[upstream].cache_ttl != 0
+
+    def _key(self, upstream: str, params: Mapping[str, ParamValue]) -> str:
+        return source_key(upstream, self.config.upstreams[upstream].template.render(params))
+
+    async def lookup(
+        self, aggregate: AggregateConfig, params: Mapping[str, ParamValue]
+    ) -> dict[str, SourceResult | None]:
+        """Each source the cache applies to: its cached result ("hit"), or None for a miss.
+
+        Sources it does not apply to are absent, and so is everything when the cache is down.
+        """
+        started = time.perf_counter()
+        names = [name for name in aggregate.sources if self.applies(name)]
+        if not names:
+            return {}
+        keys = [self._key(name, params) for name in names]
+        try:
+            raw = await self.cache_store.get_many(*keys, *map(source_marker, names))
+        except CacheUnavailableError:
+            return {}
+        if len(raw) != 2 * len(names):  # a sick backend answers anything
+            return {}
+        now = self.clock()
+        ms = round((time.perf_counter() - started) * 1000, 1)
+        found: dict[str, SourceResult | None] = {}
+        for i, name in enumerate(names):
+            found[name] = self._read(name, keys[i], raw[i], raw[len(names) + i], now, ms)
+        return found
+
+    def _read(
+        self, name: str, key: str, raw: object, marker: object, now: float, ms: float
+    ) -> SourceResult | None:
+        if raw is None:
+            return None
+        model = self.config.upstreams[name].model
+        try:
+            if not isinstance(raw, bytes):
+                raise ValueError(f"not bytes but {type(raw).__name__}")
+            entry = SourceEntry.model_validate_json(raw)
+            data = entry.data
+            if model is not None:
+                # Values out of the cache are Any: the payload must still satisfy its model
+                # (which may have changed since it was stored).
+                data = model.model_validate(data).model_dump(mode="json")
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            reason = f"{exc.error_count()} errors" if isinstance(exc, ValidationError) else exc
+            logger.info("source entry %s is unreadable (%s); treating it as a miss", key, reason)
+            return None
+        if max(0.0, now - entry.stored) >= entry.ttl:
+            return None  # expired (the backend keeps entries a little longer than their TTL)
+        if entry.stored <= decode_marker(marker):
+            return None  # its upstream was purged after it was stored
+        return SourceResult(name=name, status="ok", ms=ms, data=data, cache="hit")
+
+    async def store(
+        self, params: Mapping[str, ParamValue], results: Mapping[str, SourceResult]
+    ) -> None:
+        """Keep each successful, freshly fetched result its TTL allows; errors only log."""
+        now = self.clock()
+        writes: list[tuple[str, bytes, int]] = []
+        for name, result in results.items():
+            if not result.ok or result.cache == "hit":
+                continue
+            ttl = source_ttl(self.config.upstreams[name], result.cache_control)
+            if ttl <= 0:
+                continue
+            body = SourceEntry(stored=now, ttl=ttl, data=result.data).model_dump_json().encode()
+            # The backend drops it a second after it expires; the TTL itself is checked on read.
+            writes.append((self._key(name, params), body, math.ceil(ttl) + 1))
+        if not writes:
+            return
+        outcomes = await asyncio.gather(
+            *(self.cache_store.set(key, body, timeout) for key, body, timeout in writes),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            # CacheUnavailableError: the store already logged it (rate-limited); nothing to do.
+            if isinstance(outcome, BaseException) and not isinstance(
+                outcome, CacheUnavailableError
+            ):
+                raise outcome
