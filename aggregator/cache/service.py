@@ -137,12 +137,9 @@ class AggregateCache:
         if not self.caches(name):
             return Lookup(name, params, "off")
         key = aggregate_key(name, params)
-        local = self._local.get(key)
-        if local is not None:
-            near, until = local
-            if time.monotonic() < until and near.meta.freshness(self.clock()) == "fresh":
-                return Lookup(name, params, "fresh", near)
-            del self._local[key]
+        near = self._near(key)
+        if near is not None:
+            return Lookup(name, params, "fresh", near)
         try:
             raw, marker = await self.store.get_many(key, aggregate_marker(name))
         except CacheUnavailableError:
@@ -158,6 +155,17 @@ class AggregateCache:
         if freshness == "fresh":
             self._remember(key, entry)
         return Lookup(name, params, freshness, entry)
+
+    def _near(self, key: str) -> AggregateEntry | None:
+        """The near cache's fresh entry for `key`, if it has one."""
+        local = self._local.get(key)
+        if local is None:
+            return None
+        near, until = local
+        if time.monotonic() < until and near.meta.freshness(self.clock()) == "fresh":
+            return near
+        del self._local[key]
+        return None
 
     def _remember(self, key: str, entry: AggregateEntry) -> None:
         if self._local_ttl <= 0:
@@ -300,6 +308,16 @@ class AggregateCache:
             if entry is not None:
                 return Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry)
         try:
+            if token is not None:
+                # The requester's lookup missed, but a fill that ended since may have stored the
+                # entry: one of ours that just left `_inflight` (the near cache has it) or, now
+                # that we hold the Redis lock, another process's that released it (read again).
+                entry = self._near(key)
+                if entry is None and (token or self._local_ttl <= 0):
+                    again = await self.lookup(name, params)
+                    entry = again.entry if again.state == "fresh" else None
+                if entry is not None:
+                    return Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry)
             filled = await self._fill_fn(name, params)
             await self._store(name, key, filled)
             return filled
