@@ -16,7 +16,7 @@ from aggregator.cache import AggregateCache, Filled, purge
 from aggregator.cache.backends import build_cache
 from aggregator.cache.entries import aggregate_key, canonical_params
 from aggregator.cache.service import Answer
-from aggregator.cache.store import CacheStore
+from aggregator.cache.store import CacheStore, CacheUnavailableError
 from aggregator.config import ParamValue, parse_config
 from aggregator.settings import Settings
 from tests.conftest import demo_stats, reset_demo
@@ -220,6 +220,20 @@ async def test_a_cancelled_requester_does_not_cancel_the_fill_others_wait_for():
     leader.cancel()
     answer = await follower
     assert answer.status == 200 and upstream.calls == 1
+
+
+async def test_a_cache_outage_does_not_multiply_upstream_load():
+    service, upstream, _ = make_cache()
+    upstream.delay = 0.1
+
+    async def down(*keys: str) -> list[Any]:
+        raise CacheUnavailableError("down")
+
+    service.store.get_many = down  # type: ignore[method-assign]
+    answers = await asyncio.gather(*[service.answer("dash", P, None) for _ in range(50)])
+    assert {headers(a)["X-Cache"] for a in answers} == {"BYPASS"}
+    assert {headers(a)["Cache-Control"] for a in answers} == {"no-store"}
+    assert upstream.calls == 1  # one shared fan-out, not fifty
 
 
 async def test_purge_one_entry_or_the_whole_aggregate():

@@ -212,9 +212,11 @@ class AggregateCache:
         if lookup.state == "stale" and lookup.entry is not None:
             self._refresh_in_background(name, params)
             return self._from_entry(lookup.entry, "STALE", if_none_match)
-        if lookup.state in ("off", "bypass"):
-            filled = await self._fill_fn(name, params)  # uncached: a disconnect cancels it
-            return self._from_filled(filled, None if lookup.state == "off" else "BYPASS", 0)
+        if lookup.state == "off":
+            filled = await self._fill_fn(name, params)  # not cached: a disconnect cancels it
+            return self._from_filled(filled, None, 0)
+        # Cache down (bypass) too: concurrent requests still share one fan-out per process, so
+        # a cache outage never multiplies the load on upstreams.
         filled = await self._single_flight(name, params)
         if filled.entry is not None:
             return self._from_entry(filled.entry, "HIT", if_none_match)
@@ -222,6 +224,8 @@ class AggregateCache:
             if lookup.state in ("stale_if_error", "stale"):
                 logger.info("serving stale %s: its refresh answered %d", name, filled.status)
                 return self._from_entry(lookup.entry, "STALE", if_none_match)
+        if lookup.state == "bypass":
+            return self._from_filled(filled, "BYPASS", 0, if_none_match)
         ttl = aggregate_ttls(self.config.aggregates[name], filled.complete)
         return self._from_filled(filled, "MISS", ttl if filled.status == 200 else 0, if_none_match)
 

@@ -12,6 +12,7 @@ and the problem is logged once per `cache_log_interval`, not once per request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -60,6 +61,11 @@ class CacheStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for name in ("_write_client", "_read_client"):
+            client = getattr(self.backend, name, None)
+            if client is not None and hasattr(client, "close"):
+                with contextlib.suppress(Exception):  # closing a dead connection may raise
+                    client.close()
 
     @property
     def available(self) -> bool:
