@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Serving configurations compared with wrk on loopback, interleaved (rep 1: every config and
-# concurrency, then rep 2, ...) so machine drift hits all alike. One Hypercorn worker each.
+# concurrency, then rep 2, ... with the order rotated each rep) so machine drift hits all alike. One Hypercorn worker each.
 # Every run is bounded by DURATION. Until `aggregator bench` exists (issue 5), the README's
 # numbers come from here.
 #
@@ -57,8 +57,11 @@ for p in $DEMO_PORT "${PORT[@]}"; do
 done
 Q='/api/dashboard?city=Paris&user_id=7'
 for cfgname in $CONFIGS; do wrk -t2 -c16 -d2s "http://127.0.0.1:${PORT[$cfgname]}$Q" >/dev/null; done
+read -ra ALL <<<"$CONFIGS"
 for rep in $(seq "$REPS"); do
-    for cfgname in $CONFIGS; do
+    # Rotate the order each repetition (A B C, B C A, ...) so no config always runs last.
+    shift_by=$(( (rep - 1) % ${#ALL[@]} ))
+    for cfgname in "${ALL[@]:$shift_by}" "${ALL[@]:0:$shift_by}"; do
         for c in $CONCURRENCY; do
             out=$(wrk -t2 -c"$c" -d"$DUR" --timeout 10s --latency "http://127.0.0.1:${PORT[$cfgname]}$Q")
             rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
