@@ -65,7 +65,16 @@ class RedisSentinelCache(backends.RedisSentinelCache):
 
 
 class RedisClusterCache(backends.RedisClusterCache):
+    """cachelib's MGET/DEL span hash slots, which a real cluster refuses; split them per slot."""
+
     serializer = _RawBytes()  # type: ignore[assignment]
+
+    def get_many(self, *keys: str) -> list[Any]:
+        prefixed = [f"{self._get_prefix()}{key}" for key in keys]
+        return [self.serializer.loads(x) for x in self._read_client.mget_nonatomic(prefixed)]
+
+    def delete_many(self, *keys: str) -> Any:
+        return sum(self._write_client.delete(f"{self._get_prefix()}{key}") for key in keys)
 
 
 class NullCache(backends.NullCache):
@@ -104,7 +113,6 @@ def _redis_options(settings: Settings) -> dict[str, Any]:
         "socket_timeout": settings.cache_timeout,
         "socket_connect_timeout": settings.cache_timeout,
         "retry": Retry(NoBackoff(), 0),
-        "retry_on_timeout": False,
         "health_check_interval": 0,
     }
 

@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from flask_caching import Cache
+from flask_caching import backends as flask_caching_backends
 
 from aggregator.cache import backends
 from aggregator.errors import AggregatorError
@@ -50,7 +51,8 @@ class CacheStore:
         self.backend: Any = cache.cache
         self.inline = isinstance(self.backend, backends.SimpleCache | backends.NullCache)
         self.shared = not isinstance(self.backend, backends.SimpleCache | backends.NullCache)
-        self.is_redis = isinstance(self.backend, backends.RedisCache)
+        # flask-caching's Redis base: Sentinel and Cluster backends lock across processes too.
+        self.is_redis = isinstance(self.backend, flask_caching_backends.RedisCache)
         self.settings = settings
         self._clock = clock
         self._down_until = 0.0

@@ -1,0 +1,130 @@
+"""Redis Sentinel and Redis Cluster backends against real servers this test starts on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from aggregator import create_app
+from aggregator.cache import AggregateCache, purge
+from aggregator.demo.process import free_port
+from aggregator.settings import Settings
+from tests.conftest import demo_stats, reset_demo
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server"),
+]
+
+
+def _start(args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["redis-server", *args], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if redis.Redis(port=port, socket_timeout=0.5).ping():
+                return proc
+        except redis.RedisError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"redis-server on {port} did not start:\n{log.read_text()}")
+
+
+def _stop(*procs: subprocess.Popen[bytes]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Iterator[str]:
+    """A master and one sentinel watching it; yields the sentinel's host:port."""
+    master_port, sentinel_port = free_port(), free_port()
+    base = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    master = _start(["--port", str(master_port), *base], master_port, tmp_path / "master.log")
+    conf = tmp_path / "sentinel.conf"  # sentinel rewrites its config file: give it its own
+    conf.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\n"
+        f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n"
+        "sentinel down-after-milliseconds mymaster 5000\n"
+    )
+    watcher = _start([str(conf), "--sentinel"], sentinel_port, tmp_path / "sentinel.log")
+    yield f"127.0.0.1:{sentinel_port}"
+    _stop(watcher, master)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[str]:
+    """A one-node Redis Cluster owning all 16384 slots; yields its host:port."""
+    port = free_port()
+    args = [
+        "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"),
+        "--dir", str(tmp_path),
+    ]  # fmt: skip
+    node = _start(args, port, tmp_path / "cluster.log")
+    client = redis.Redis(port=port)
+    client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+    deadline = time.monotonic() + 10
+    while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+        assert time.monotonic() < deadline, "cluster did not become ok"
+        time.sleep(0.05)
+    client.close()
+    yield f"127.0.0.1:{port}"
+    _stop(node)
+
+
+def _config(demo_url: str, write_config: Callable[[str], Path]) -> Path:
+    return write_config(
+        f"""
+[upstreams.weather]
+url = "{demo_url}/weather/{{city}}"
+[upstreams.profile]
+url = "{demo_url}/profile/{{user_id}}"
+
+[aggregates.board]
+path = "/board"
+sources = ["weather", "profile"]
+params = {{ city = "str", user_id = "int" }}
+cache_ttl = 60
+"""
+    )
+
+
+@pytest.mark.parametrize("topology", ["redissentinel", "rediscluster"])
+def test_cache_works_on_sentinel_and_cluster(topology, request, demo, write_config):
+    nodes = request.getfixturevalue("sentinel" if topology == "redissentinel" else "cluster")
+    settings = Settings(
+        config=_config(demo.url, write_config),
+        cache_type=topology,
+        cache_redis_nodes=nodes,
+        cache_local_ttl=0,  # every request reads the real backend
+    )
+    app = create_app(settings)
+    service: AggregateCache = app.extensions["aggregator.cache"]
+    assert service.store.is_redis  # single-flight locks across processes here too
+    client = app.test_client()
+    reset_demo(demo)
+    url = "/board?city=Paris&user_id=7"
+    seen = [client.get(url).headers["X-Cache"] for _ in range(3)]
+    assert seen == ["MISS", "HIT", "HIT"]
+    assert demo_stats(demo)["requests"]["weather"] == 1
+    # purges write markers and delete keys, across hash slots on the cluster
+    asyncio.run(purge(service, aggregate="board", params={"city": "Paris", "user_id": 7}))
+    assert client.get(url).headers["X-Cache"] == "MISS"
+    asyncio.run(purge(service, upstream="profile"))
+    assert client.get(url).headers["X-Cache"] == "MISS"
+    assert client.get(url).headers["X-Cache"] == "HIT"
