@@ -77,9 +77,9 @@ def cluster(tmp_path: Path) -> Iterator[str]:
     ]  # fmt: skip
     node = _start(args, port, tmp_path / "cluster.log")
     client = redis.Redis(port=port)
-    client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+    client.cluster("ADDSLOTSRANGE", 0, 16383)
     deadline = time.monotonic() + 10
-    while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+    while client.cluster("INFO").get("cluster_state") != "ok":
         assert time.monotonic() < deadline, "cluster did not become ok"
         time.sleep(0.05)
     client.close()
