@@ -95,6 +95,17 @@ def parse_value(kind: ParamType, raw: object) -> ParamValue:
     return number
 
 
+def _query_text(field: str, value: object) -> str:
+    """A scalar as the query-string text a live request would carry."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return repr(value)
+    raise InvalidRequestError(field, "must be a string, number or boolean")
+
+
 class _Strict(BaseModel):
     # strict: `timeout = "5"` is a mistake in a TOML file, not something to coerce quietly
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -182,6 +193,8 @@ class AggregateConfig(_Strict):
     #: After cache_ttl, seconds an entry may replace an answer whose refresh failed
     #: (stale-if-error) instead of a 502/504.
     stale_if_error_ttl: float = Field(default=0.0, ge=0, le=604_800)
+    #: Parameter sets `aggregator warm --all` fills before traffic arrives.
+    warm: list[dict[str, ParamValue]] = Field(default_factory=list)
 
     @field_validator("params", mode="before")
     @classmethod
@@ -197,6 +210,18 @@ class AggregateConfig(_Strict):
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise ValueError(f"{name!r} is not a valid parameter name")
         return value
+
+    def typed_params(self, raw: Mapping[str, object]) -> dict[str, ParamValue]:
+        """Values given outside a query string (JSON, TOML, `--param`), typed like one.
+
+        Unlike a live request, unknown names are errors here: a typo in an optional
+        parameter's name would otherwise silently act on its default's entry.
+        """
+        unknown = sorted(raw.keys() - self.params.keys())
+        if unknown:
+            known = ", ".join(self.params) or "none"
+            raise InvalidRequestError(unknown[0], f"unknown parameter (known: {known})")
+        return self.parse_params({name: [_query_text(name, v)] for name, v in raw.items()})
 
     def parse_params(self, args: Mapping[str, list[str]]) -> dict[str, ParamValue]:
         """Typed parameters from a query string; InvalidRequestError names the first bad one.
@@ -284,6 +309,11 @@ def _cross_problems(config: AppConfig) -> list[str]:
         for source in agg.required:
             if source not in agg.sources:
                 problems.append(f"{where}.required: {source!r} is not one of its sources")
+        for i, target in enumerate(agg.warm):
+            try:
+                agg.typed_params(target)
+            except InvalidRequestError as exc:
+                problems.append(f"{where}.warm[{i}].{exc.field}: {exc.reason}")
     return problems
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -66,10 +67,25 @@ def sentinel(tmp_path: Path) -> Iterator[str]:
     _stop(watcher, master)
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too, so at most 55535."""
+    for _ in range(200):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[str]:
     """A one-node Redis Cluster owning all 16384 slots; yields its host:port."""
-    port = free_port()
+    port = _cluster_port()
     args = [
         "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
         "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"),

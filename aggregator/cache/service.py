@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -54,6 +56,17 @@ class Filled:
     complete: bool
     timing: str
     entry: AggregateEntry | None = None  # set when the answer came from another process
+    stored: bool = False  # set when this fill's answer was written to the cache
+
+
+@dataclass(frozen=True, slots=True)
+class WarmResult:
+    """What warming one target did, for `aggregator warm` and `POST /admin/warm`."""
+
+    outcome: Literal["warmed", "partial", "failed", "skipped"]
+    status: int | None = None
+    sources_failed: tuple[str, ...] = ()
+    detail: str = ""
 
 
 FillFn = Callable[[str, Mapping[str, ParamValue]], Awaitable[Filled]]
@@ -79,6 +92,14 @@ class Answer:
 def parse_query(query_string: str) -> dict[str, list[str]]:
     """The one query parser for both the fast path and the view, so both build the same key."""
     return parse_qs(query_string, keep_blank_values=True)
+
+
+def _failed_sources(body: bytes) -> list[str]:
+    try:
+        errors = json.loads(body).get("errors", {})
+    except (ValueError, AttributeError):
+        return []
+    return sorted(errors) if isinstance(errors, dict) else []
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -262,14 +283,58 @@ class AggregateCache:
                 return Answer(304, headers, b"")
         return Answer(filled.status, [("Content-Type", "application/json"), *headers], filled.body)
 
+    # -- warming ----------------------------------------------------------------------------
+
+    async def warm(
+        self, name: str, params: Mapping[str, ParamValue], *, only_missing: bool = False
+    ) -> WarmResult:
+        """Refresh one entry now, through the same single-flight as live traffic.
+
+        A fill already in flight for the key (live traffic, another warmer) is joined rather than
+        duplicated; otherwise a new fan-out runs even if a fresh entry exists, unless
+        `only_missing`, which skips keys that are fresh.
+        """
+        if not self.caches(name):
+            return WarmResult("failed", detail="caching is off for this aggregate (cache_ttl = 0)")
+        if only_missing:
+            lookup = await self.lookup(name, params)
+            if lookup.state == "fresh":
+                return WarmResult("skipped", detail="fresh in the cache")
+        if not self.store.available:
+            return WarmResult("failed", detail="the cache backend is unreachable")
+        filled = await asyncio.shield(self._task_for(name, params, force=True))
+        failed = tuple(_failed_sources(filled.body))
+        if filled.entry is not None:  # another process's fresh fill, waited for
+            return WarmResult(
+                "warmed" if filled.complete else "partial",
+                filled.status,
+                failed,
+                "filled by another worker",
+            )
+        if filled.status != 200:
+            return WarmResult(
+                "failed", filled.status, failed, f"the aggregate answered {filled.status}"
+            )
+        if not filled.stored:
+            if not filled.complete:
+                return WarmResult(
+                    "partial", 200, failed, "partial answer, not cached (no cache_partial_ttl)"
+                )
+            return WarmResult("failed", 200, failed, "the cache backend did not take the entry")
+        return WarmResult("warmed" if filled.complete else "partial", 200, failed)
+
     # -- filling ----------------------------------------------------------------------------
 
-    def _task_for(self, name: str, params: Mapping[str, ParamValue]) -> asyncio.Task[Filled]:
+    def _task_for(
+        self, name: str, params: Mapping[str, ParamValue], *, force: bool = False
+    ) -> asyncio.Task[Filled]:
+        """The in-flight fill of this key (a live one serves a forced refresh too), or a new one."""
         key = aggregate_key(name, params)
         task = self._inflight.get(key)
         if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
             return task
-        task = asyncio.create_task(self._fill_and_store(name, params, key), name=f"fill:{key}")
+        fill = self._fill_and_store(name, params, key, force=force)
+        task = asyncio.create_task(fill, name=f"fill:{key}")
         self._inflight[key] = task
         task.add_done_callback(lambda t: self._forget(key, t))
         return task
@@ -301,18 +366,21 @@ class AggregateCache:
         self._task_for(name, params)
 
     async def _fill_and_store(
-        self, name: str, params: Mapping[str, ParamValue], key: str
+        self, name: str, params: Mapping[str, ParamValue], key: str, *, force: bool = False
     ) -> Filled:
+        """One fan-out for `key`, stored; `force` (warming) never settles for an older entry."""
         agg = self.config.aggregates[name]
+        started = self.clock()
         token: str | None = ""
         with contextlib.suppress(CacheUnavailableError):
             token = await self.store.try_lock(lock_key(key), agg.deadline + 1.0)
         if token is None:  # another process is filling this key: wait for its entry
-            entry = await self._await_entry(name, params, key, agg.deadline + 1.0)
+            newer_than = started if force else 0.0
+            entry = await self._await_entry(name, params, key, agg.deadline + 1.0, newer_than)
             if entry is not None:
                 return Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry)
         try:
-            if token is not None:
+            if token is not None and not force:
                 # The requester's lookup missed, but a fill that ended since may have stored the
                 # entry: one of ours that just left `_inflight` (the near cache has it) or, now
                 # that we hold the Redis lock, another process's that released it (read again).
@@ -323,7 +391,8 @@ class AggregateCache:
                 if entry is not None:
                     return Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry)
             filled = await self._fill_fn(name, params)
-            await self._store(name, key, filled)
+            if await self._store(name, key, filled):
+                return dataclasses.replace(filled, stored=True)
             return filled
         finally:
             if token:
@@ -331,23 +400,30 @@ class AggregateCache:
                     await self.store.unlock(lock_key(key), token)
 
     async def _await_entry(
-        self, name: str, params: Mapping[str, ParamValue], key: str, limit: float
+        self,
+        name: str,
+        params: Mapping[str, ParamValue],
+        key: str,
+        limit: float,
+        newer_than: float = 0.0,
     ) -> AggregateEntry | None:
         deadline = time.monotonic() + min(limit, self.settings.singleflight_wait)
         while time.monotonic() < deadline:
             await asyncio.sleep(_POLL)
             lookup = await self.lookup(name, params)
-            if lookup.state == "fresh" and lookup.entry is not None:
-                return lookup.entry
+            entry = lookup.entry
+            if lookup.state == "fresh" and entry is not None and entry.meta.stored >= newer_than:
+                return entry
             if lookup.state == "bypass":
                 return None
         return None
 
-    async def _store(self, name: str, key: str, filled: Filled) -> None:
+    async def _store(self, name: str, key: str, filled: Filled) -> bool:
+        """Write the answer if it may be cached; True when it was written."""
         agg = self.config.aggregates[name]
         ttl = aggregate_ttls(agg, filled.complete) if filled.status == 200 else 0.0
         if ttl <= 0:
-            return
+            return False
         meta = AggregateMeta(
             stored=self.clock(),
             ttl=ttl,
@@ -358,6 +434,9 @@ class AggregateCache:
             etag=etag_for(filled.body),
             timing=filled.timing,
         )
-        with contextlib.suppress(CacheUnavailableError):
+        try:
             await self.store.set(key, encode_aggregate(meta, filled.body), meta.backend_timeout())
-            self._remember(key, AggregateEntry(meta, filled.body))
+        except CacheUnavailableError:
+            return False
+        self._remember(key, AggregateEntry(meta, filled.body))
+        return True

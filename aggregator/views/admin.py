@@ -1,4 +1,4 @@
-"""Admin endpoints, behind a bearer token: purge cached answers without restarting anything.
+"""Admin endpoints, behind a bearer token: purge or warm cached answers without a restart.
 
 `POST /admin/purge` takes `{"aggregate": NAME}`, `{"aggregate": NAME, "params": {...}}` or
 `{"upstream": NAME}` (aggregate and upstream may be combined). Parameters are typed, validated
@@ -52,11 +52,7 @@ def typed_params(agg: AggregateConfig, raw: Mapping[str, str]) -> dict[str, Para
     A live request ignores unknown parameters (cache-busters); a purge must not, or a typo in
     an optional parameter's name would silently purge its default's entry instead.
     """
-    unknown = sorted(raw.keys() - agg.params.keys())
-    if unknown:
-        known = ", ".join(agg.params) or "none"
-        raise InvalidRequestError(unknown[0], f"unknown parameter (known: {known})")
-    return agg.parse_params({name: [value] for name, value in raw.items()})
+    return agg.typed_params(raw)
 
 
 @bp.post("/purge")
@@ -84,6 +80,61 @@ async def purge_cache() -> Response:
         )
     logger.info("admin purge: %s", ", ".join(purged))
     return jsonify(purged=purged)
+
+
+@bp.post("/warm")
+async def warm_entry() -> Response:
+    """Refresh one aggregate entry now, through the same single-flight as live traffic.
+
+    For `aggregator warm --url`: the answer says what happened and which cache the deployment
+    uses; a per-process cache is refused (409), since warming one worker's memory helps nobody.
+    """
+    denied = _check_token()
+    if denied is not None:
+        return denied
+    config: AppConfig = current_app.extensions["aggregator.config"]
+    settings: Settings = current_app.extensions["aggregator.settings"]
+    service: AggregateCache = current_app.extensions["aggregator.cache"]
+    body = request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise InvalidRequestError(
+            "body", 'must be a JSON object such as {"aggregate": "dashboard"}'
+        )
+    for key in body:
+        if key not in ("aggregate", "params", "only_missing"):
+            raise InvalidRequestError(key, "unknown key (expected aggregate, params, only_missing)")
+    aggregate = _name(body, "aggregate")
+    if aggregate is None:
+        raise InvalidRequestError("aggregate", "is required")
+    check_target(config, aggregate, None)
+    raw = body.get("params", {})
+    if not isinstance(raw, dict):
+        raise InvalidRequestError("params", "must be an object of parameter values")
+    only_missing = body.get("only_missing", False)
+    if not isinstance(only_missing, bool):
+        raise InvalidRequestError("only_missing", "must be true or false")
+    try:
+        params = typed_params(config.aggregates[aggregate], raw)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"params.{exc.field}", exc.reason) from None
+    cache_info = {"type": settings.cache_type, "shared": service.store.shared}
+    if not service.store.shared:
+        response = error_response(
+            409,
+            f"this deployment's cache ({settings.cache_type}) lives inside each worker process: "
+            "warming it through one request fills one worker's memory and helps nobody else; "
+            "use a shared cache (filesystem or redis)",
+            cache=cache_info,
+        )
+        return response
+    result = await service.warm(aggregate, params, only_missing=only_missing)
+    return jsonify(
+        outcome=result.outcome,
+        status=result.status,
+        sources_failed=list(result.sources_failed),
+        detail=result.detail,
+        cache=cache_info,
+    )
 
 
 def _check_token() -> Response | None:
