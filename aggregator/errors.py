@@ -5,10 +5,13 @@ AggregatorError
  +-- InvalidRequestError            a client's parameters or body were rejected (4xx)
  |    +-- RequestTooLargeError      the request body is over the limit (413)
  +-- UpstreamError                  one source failed; carried into the envelope, never raised
-      +-- UpstreamTimeoutError      no full answer within the source's timeout
-      +-- UpstreamUnavailableError  connection refused, reset or closed early
-      +-- UpstreamBadStatusError    a non-2xx status
-      +-- UpstreamInvalidPayloadError  not JSON, wrong shape, or too large
+ |    +-- UpstreamTimeoutError      no full answer within the source's timeout
+ |    +-- UpstreamUnavailableError  connection refused, reset or closed early
+ |    +-- UpstreamBadStatusError    a non-2xx status
+ |    +-- UpstreamInvalidPayloadError  not JSON, wrong shape, or too large
+ +-- WarmError                      `aggregator warm` cannot start (exit 2); nothing was warmed
+      +-- TargetError               targets that fail validation, each named by file, line, field
+      +-- NotWarmableError          a per-process cache, a refused token, an unreachable URL
 """
 
 from __future__ import annotations
@@ -106,3 +109,28 @@ class UpstreamInvalidPayloadError(UpstreamError):
         super().__init__(upstream, detail)
         self.kind = kind
         self.locations = locations or []
+
+
+class WarmError(AggregatorError):
+    """`aggregator warm` cannot run as asked (exit 2); nothing was warmed."""
+
+
+class TargetError(WarmError):
+    """Targets that cannot be warmed; the message names each file, line or entry and field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        if len(self.problems) == 1:
+            return f"{self.problems[0]} (nothing was warmed)"
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        return f"{len(self.problems)} problems with the targets (nothing was warmed):\n{lines}"
+
+    def __repr__(self) -> str:
+        return f"TargetError(problems={self.problems!r})"
+
+
+class NotWarmableError(WarmError):
+    """The deployment or cache cannot be warmed from here (per-process cache, token, address)."""
