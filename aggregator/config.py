@@ -34,7 +34,9 @@ _FALSE = {"false", "0", "no", "off"}
 _INT = re.compile(r"[+-]?[0-9]{1,18}")
 _FLOAT = re.compile(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|inf|infinity|nan)", re.I)
 MAX_PARAM_LENGTH = 1024
-RESERVED_PATHS = frozenset({"/healthz"})
+RESERVED_PATHS = frozenset({"/healthz", "/sync", "/sync-pool"})
+#: Admin endpoints, and the sync twins of every aggregate (`/sync/api/x`, `/sync-pool/api/x`).
+RESERVED_PREFIXES = ("/admin/", "/sync/", "/sync-pool/")
 
 
 def expand_env(value: str) -> str:
@@ -287,7 +289,7 @@ def _cross_problems(config: AppConfig) -> list[str]:
     paths: dict[str, str] = {}
     for name, agg in config.aggregates.items():
         where = f"aggregates.{name}"
-        if agg.path in RESERVED_PATHS or agg.path.startswith("/admin/"):
+        if agg.path in RESERVED_PATHS or agg.path.startswith(RESERVED_PREFIXES):
             problems.append(f"{where}.path: {agg.path} is reserved")
         elif agg.path in paths:
             problems.append(f"{where}.path: {agg.path} is already used by {paths[agg.path]}")

@@ -122,13 +122,17 @@ class _NoCookies(httpx.Cookies):
         return None
 
 
-def build_client(settings: Settings) -> httpx.AsyncClient:
-    """A client on the configured engine with pool limits sized for fan-out concurrency."""
-    limits = httpx.Limits(
+def _limits(settings: Settings) -> httpx.Limits:
+    return httpx.Limits(
         max_connections=settings.pool_max_connections,
         max_keepalive_connections=settings.pool_max_keepalive,
         keepalive_expiry=settings.pool_keepalive_expiry,
     )
+
+
+def build_client(settings: Settings) -> httpx.AsyncClient:
+    """A client on the configured engine with pool limits sized for fan-out concurrency."""
+    limits = _limits(settings)
     kwargs: dict[str, Any] = {"limits": limits, "follow_redirects": False, "trust_env": False}
     if settings.engine == "aiohttp":
         transport = _VerbatimUrlTransport(limits=limits, trust_env=False)
@@ -136,4 +140,19 @@ def build_client(settings: Settings) -> httpx.AsyncClient:
     else:
         client = httpx.AsyncClient(transport=_httpx_transport(limits), **kwargs)
     client._cookies = _NoCookies()  # the public setter would copy into a normal jar
+    return client
+
+
+def build_sync_client(settings: Settings) -> httpx.Client:
+    """A blocking client for the sync twins: same pool limits, no cookie jar, no env proxies.
+
+    Always httpx's own (httpcore) transport: the engine setting chooses between async stacks,
+    and the orphan fix above concerns cancelled tasks, which threads do not have.
+    """
+    limits = _limits(settings)
+    transport = httpx.HTTPTransport(limits=limits, trust_env=False)
+    client = httpx.Client(
+        transport=transport, limits=limits, follow_redirects=False, trust_env=False
+    )
+    client._cookies = _NoCookies()  # shared by every thread: nothing may carry over
     return client

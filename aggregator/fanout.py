@@ -9,6 +9,9 @@ With a source cache, sources it holds are answered from it (`cache="hit"`) and n
 others are called as usual (`cache="miss"` when they succeed) and handed back to it afterwards.
 Its one lookup counts against the deadline. fanout knows the cache only through the small
 `SourceCacheProtocol` below, so it does not depend on the cache package.
+
+The sync twins' fan-outs (`fan_out_in_turn`, `fan_out_threads`) are here too: same results and
+deadline reporting, on a blocking client, for comparison with the async views.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Mapping
+from concurrent import futures
+from concurrent.futures import Executor
 from typing import Protocol
 
 import httpx
 
 from aggregator.config import AggregateConfig, AppConfig, ParamValue
 from aggregator.models import SourceResult
-from aggregator.upstream import fetch
+from aggregator.upstream import fetch, fetch_sync
 
 
 class SourceCacheProtocol(Protocol):
@@ -77,19 +82,14 @@ async def fan_out(
             task.cancel()
         if outstanding:
             await asyncio.gather(*outstanding, return_exceptions=True)
-    elapsed = round((time.perf_counter() - started) * 1000, 1)
+    elapsed = _ms_since(started)
     results: dict[str, SourceResult] = {}
     for name in aggregate.sources:
         call = tasks.get(name)
         if call is None:
             results[name] = hits[name]
         elif call in pending or call.cancelled():
-            results[name] = SourceResult(
-                name=name,
-                status="deadline",
-                ms=elapsed,
-                detail=f"no answer within the aggregate deadline of {aggregate.deadline:g} s",
-            )
+            results[name] = _past_deadline(name, aggregate, elapsed)
         elif name in looked_up and call.result().ok:
             results[name] = dataclasses.replace(call.result(), cache="miss")
         else:
@@ -98,3 +98,76 @@ async def fan_out(
     if source_cache is not None and fetched:
         await source_cache.store(params, fetched)
     return results
+
+
+# -- the sync twins (a benchmark comparison: DESIGN §2, classic blocking style) -----------------
+
+
+def fan_out_in_turn(
+    client: httpx.Client,
+    config: AppConfig,
+    aggregate: AggregateConfig,
+    params: Mapping[str, ParamValue],
+    *,
+    max_body: int,
+) -> dict[str, SourceResult]:
+    """Call the sources one after another (the classic sync style); no source cache.
+
+    A call in progress is bounded by its own timeout only; sources not started before the
+    aggregate deadline are reported as `deadline` without being called.
+    """
+    started = time.perf_counter()
+    results: dict[str, SourceResult] = {}
+    for name in aggregate.sources:
+        if time.perf_counter() - started >= aggregate.deadline:
+            results[name] = _past_deadline(name, aggregate, _ms_since(started))
+        else:
+            upstream = config.upstreams[name]
+            results[name] = fetch_sync(client, name, upstream, params, max_body=max_body)
+    return results
+
+
+def fan_out_threads(
+    client: httpx.Client,
+    config: AppConfig,
+    aggregate: AggregateConfig,
+    params: Mapping[str, ParamValue],
+    *,
+    max_body: int,
+    executor: Executor,
+) -> dict[str, SourceResult]:
+    """Call every source at once on `executor` threads, under the aggregate deadline.
+
+    Threads cannot be cancelled: at the deadline, calls not yet started are dropped and calls in
+    flight are abandoned (they end by their own timeout, holding their thread and connection
+    until then) and reported as `deadline`. `executor` must never be the pool the calling view
+    runs in, or a full pool would wait for itself.
+    """
+    started = time.perf_counter()
+    calls = {
+        name: executor.submit(
+            fetch_sync, client, name, config.upstreams[name], params, max_body=max_body
+        )
+        for name in aggregate.sources
+    }
+    done, pending = futures.wait(calls.values(), timeout=aggregate.deadline)
+    for call in pending:
+        call.cancel()
+    elapsed = _ms_since(started)
+    return {
+        name: call.result() if call in done else _past_deadline(name, aggregate, elapsed)
+        for name, call in calls.items()
+    }
+
+
+def _past_deadline(name: str, aggregate: AggregateConfig, ms: float) -> SourceResult:
+    return SourceResult(
+        name=name,
+        status="deadline",
+        ms=ms,
+        detail=f"no answer within the aggregate deadline of {aggregate.deadline:g} s",
+    )
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)

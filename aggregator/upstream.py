@@ -9,6 +9,11 @@ for its own loop instead: clients are looked up per running loop, never assumed.
 source cannot cancel its siblings. httpx has no total-time timeout (a slowly dripping body
 outlives `timeout=`), so the whole call runs under `asyncio.timeout`.
 
+`fetch_sync` is the same call for plain `def` views (the sync twins, a benchmark comparison) on
+one lazily built `httpx.Client` per worker (`SyncClient`). Both share every step that does not
+wait (status check, size limit, JSON, validation, error translation), so a failure maps to the
+same kind whichever style made the call.
+
 A successful result also carries what the upstream said about caching it (`Cache-Control` and
 `Age`, parsed by `parse_cache_control`); what that means for how long to keep it is decided in
 the cache package, not here.
@@ -20,6 +25,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Mapping
@@ -31,7 +37,7 @@ import httpx
 from pydantic import ValidationError
 
 from aggregator.config import ParamValue, UpstreamConfig
-from aggregator.engines import build_client
+from aggregator.engines import build_client, build_sync_client
 from aggregator.errors import (
     UpstreamBadStatusError,
     UpstreamError,
@@ -103,18 +109,75 @@ async def fetch(
     url = upstream.template.render(params)
     try:
         async with asyncio.timeout(upstream.timeout):
-            data, cache_control = await _get_json(client, name, url, upstream, max_body)
+            body, cache_control = await _get(client, name, url, upstream, max_body)
+        data = _decode(name, upstream, body)
     except UpstreamError as exc:
         result = _failure(name, exc, started)
     except TimeoutError:
-        err = UpstreamTimeoutError(name, f"no full answer within {upstream.timeout:g} s")
-        result = _failure(name, err, started)
+        result = _failure(name, _cut_off(name, upstream), started)
     else:
-        result = SourceResult(
-            name=name, status="ok", ms=_ms(started), data=data, cache_control=cache_control
-        )
+        result = _success(name, data, cache_control, started)
     logger.debug("upstream %s %s %.1f ms", name, result.status, result.ms)
     return result
+
+
+def fetch_sync(
+    client: httpx.Client,
+    name: str,
+    upstream: UpstreamConfig,
+    params: Mapping[str, ParamValue],
+    *,
+    max_body: int,
+) -> SourceResult:
+    """`fetch` for blocking code (the sync twins): same limits, same error kinds, never raises.
+
+    A thread cannot be cancelled, so the source's total timeout is a monotonic deadline checked
+    between body chunks; a stall between chunks is cut by httpx's read timeout, so a call ends
+    within about twice its timeout at worst (a drip until just before the deadline, then a stall).
+    """
+    started = time.perf_counter()
+    url = upstream.template.render(params)
+    try:
+        body, cache_control = _get_sync(client, name, url, upstream, max_body)
+        data = _decode(name, upstream, body)
+    except UpstreamError as exc:
+        result = _failure(name, exc, started)
+    else:
+        result = _success(name, data, cache_control, started)
+    logger.debug("upstream %s %s %.1f ms (sync)", name, result.status, result.ms)
+    return result
+
+
+class SyncClient:
+    """The worker's one `httpx.Client` for `def` views, built on first use by any thread.
+
+    Built lazily because most workers never serve a sync twin; the lock makes sure racing
+    threads get the same client (a second one would leak its pool). `close` is for shutdown.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._client: httpx.Client | None = None
+
+    def get(self) -> httpx.Client:
+        """The shared client, built if this is the first call (or the first after `close`)."""
+        client = self._client
+        if client is not None:
+            return client
+        with self._lock:
+            if self._client is None:
+                self._client = build_sync_client(self._settings)
+                logger.info("sync upstream client opened")
+            return self._client
+
+    def close(self) -> None:
+        """Close the client if one was built (blocking: closes its sockets)."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+            logger.info("sync upstream client closed")
 
 
 def parse_cache_control(header: str | None, age: str | None = None) -> CacheControl:
@@ -164,35 +227,104 @@ def _delta(value: str | None) -> float | None:
     return float(min(int(value), _MAX_DELTA))
 
 
-async def _get_json(
+def _timeouts(upstream: UpstreamConfig) -> httpx.Timeout:
+    return httpx.Timeout(upstream.timeout, connect=upstream.connect_timeout or upstream.timeout)
+
+
+async def _get(
     client: httpx.AsyncClient, name: str, url: str, upstream: UpstreamConfig, max_body: int
-) -> tuple[Any, CacheControl]:
-    timeout = httpx.Timeout(
-        upstream.timeout,
-        connect=upstream.connect_timeout or upstream.timeout,
-    )
+) -> tuple[bytes, CacheControl]:
+    """The raw body and caching headers of a 2xx answer (the caller bounds the total time)."""
     try:
-        async with client.stream("GET", url, headers=upstream.headers, timeout=timeout) as resp:
-            if not resp.is_success:
-                raise UpstreamBadStatusError(
-                    name, f"answered HTTP {resp.status_code}", status=resp.status_code
-                )
-            body = await _read_limited(resp, name, max_body)
-            cache_control = parse_cache_control(
-                resp.headers.get("cache-control"), resp.headers.get("age")
-            )
-    except httpx.TimeoutException as exc:
-        if _is_aiohttp_disconnect(exc):
-            raise UpstreamUnavailableError(name, _describe(exc)) from exc
-        raise UpstreamTimeoutError(name, f"no answer within {upstream.timeout:g} s") from exc
-    except (httpx.TransportError, OSError, aiohttp.ClientError) as exc:
-        # aiohttp errors httpx-aiohttp does not map (a malformed status line or chunk) arrive
-        # as themselves.
-        raise UpstreamUnavailableError(name, _describe(exc)) from exc
-    except httpx.DecodingError as exc:
-        raise UpstreamInvalidPayloadError(
+        async with client.stream(
+            "GET", url, headers=upstream.headers, timeout=_timeouts(upstream)
+        ) as resp:
+            _check_status(name, resp)
+            body = _LimitedBody(name, resp, max_body)
+            async for chunk in resp.aiter_bytes():
+                body.add(chunk)
+            return body.value(), _cache_control(resp)
+    except _CALL_ERRORS as exc:
+        raise _call_error(name, upstream, exc) from exc
+
+
+def _get_sync(
+    client: httpx.Client, name: str, url: str, upstream: UpstreamConfig, max_body: int
+) -> tuple[bytes, CacheControl]:
+    """`_get` for a blocking client; it bounds the total time itself (see `fetch_sync`)."""
+    deadline = time.monotonic() + upstream.timeout
+    try:
+        with client.stream(
+            "GET", url, headers=upstream.headers, timeout=_timeouts(upstream)
+        ) as resp:
+            _check_status(name, resp)
+            body = _LimitedBody(name, resp, max_body)
+            for chunk in resp.iter_bytes():
+                if time.monotonic() > deadline:
+                    raise _cut_off(name, upstream)
+                body.add(chunk)
+            if time.monotonic() > deadline:  # connect and headers alone may take that long
+                raise _cut_off(name, upstream)
+            return body.value(), _cache_control(resp)
+    except _CALL_ERRORS as exc:
+        raise _call_error(name, upstream, exc) from exc
+
+
+# What a call may raise besides our own errors. aiohttp errors that httpx-aiohttp does not map
+# (a malformed status line or chunk) arrive as themselves.
+_CALL_ERRORS = (httpx.TransportError, httpx.DecodingError, OSError, aiohttp.ClientError)
+
+
+def _call_error(name: str, upstream: UpstreamConfig, exc: Exception) -> UpstreamError:
+    """Translate what the HTTP stack raised (async or sync client) into our error kinds."""
+    if isinstance(exc, httpx.TimeoutException) and not _is_aiohttp_disconnect(exc):
+        return UpstreamTimeoutError(name, f"no answer within {upstream.timeout:g} s")
+    if isinstance(exc, httpx.DecodingError):
+        return UpstreamInvalidPayloadError(
             name, "the body does not match its Content-Encoding", kind="invalid_json"
-        ) from exc
+        )
+    return UpstreamUnavailableError(name, _describe(exc))
+
+
+def _cut_off(name: str, upstream: UpstreamConfig) -> UpstreamTimeoutError:
+    return UpstreamTimeoutError(name, f"no full answer within {upstream.timeout:g} s")
+
+
+def _check_status(name: str, resp: httpx.Response) -> None:
+    if not resp.is_success:
+        raise UpstreamBadStatusError(
+            name, f"answered HTTP {resp.status_code}", status=resp.status_code
+        )
+
+
+def _cache_control(resp: httpx.Response) -> CacheControl:
+    return parse_cache_control(resp.headers.get("cache-control"), resp.headers.get("age"))
+
+
+class _LimitedBody:
+    """The decoded body, collected chunk by chunk; refused as soon as it passes the limit."""
+
+    def __init__(self, name: str, resp: httpx.Response, max_body: int) -> None:
+        self._name = name
+        self._max = max_body
+        self._chunks: list[bytes] = []
+        self._size = 0
+        declared = resp.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            raise _too_large(name, max_body)
+
+    def add(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self._max:
+            raise _too_large(self._name, self._max)
+        self._chunks.append(chunk)
+
+    def value(self) -> bytes:
+        return b"".join(self._chunks)
+
+
+def _decode(name: str, upstream: UpstreamConfig, body: bytes) -> Any:
+    """JSON, validated by the upstream's model when it has one."""
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
@@ -201,9 +333,9 @@ async def _get_json(
         ) from None
     model = upstream.model
     if model is None:
-        return payload, cache_control
+        return payload
     try:
-        return model.model_validate(payload).model_dump(mode="json"), cache_control
+        return model.model_validate(payload).model_dump(mode="json")
     except ValidationError as exc:
         locations = [".".join(str(p) for p in e["loc"]) or "(root)" for e in exc.errors()]
         raise UpstreamInvalidPayloadError(
@@ -212,21 +344,6 @@ async def _get_json(
             kind="validation",
             locations=locations,
         ) from None
-
-
-async def _read_limited(resp: httpx.Response, name: str, max_body: int) -> bytes:
-    """Read the decoded body, stopping as soon as it passes the limit."""
-    declared = resp.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_body:
-        raise _too_large(name, max_body)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.aiter_bytes():
-        size += len(chunk)
-        if size > max_body:
-            raise _too_large(name, max_body)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _too_large(name: str, max_body: int) -> UpstreamInvalidPayloadError:
@@ -251,6 +368,12 @@ def _describe(exc: BaseException) -> str:
     if isinstance(cause, aiohttp.ServerDisconnectedError | httpx.RemoteProtocolError):
         return f"the upstream closed the connection ({type(cause).__name__})"
     return f"cannot reach the upstream ({type(cause).__name__})"
+
+
+def _success(name: str, data: Any, cache_control: CacheControl, started: float) -> SourceResult:
+    return SourceResult(
+        name=name, status="ok", ms=_ms(started), data=data, cache_control=cache_control
+    )
 
 
 def _failure(name: str, exc: UpstreamError, started: float) -> SourceResult:

@@ -185,6 +185,21 @@ def test_a_valid_config_file_loads(write_config: WriteConfig) -> None:
             id="reserved-admin-path",
         ),
         pytest.param(
+            toml().replace('path = "/api/a"', 'path = "/sync/api/a"'),
+            "aggregates.a.path: /sync/api/a is reserved",
+            id="reserved-sync-twin-path",
+        ),
+        pytest.param(
+            toml().replace('path = "/api/a"', 'path = "/sync-pool/x"'),
+            "aggregates.a.path: /sync-pool/x is reserved",
+            id="reserved-sync-pool-twin-path",
+        ),
+        pytest.param(
+            toml().replace('path = "/api/a"', 'path = "/sync"'),
+            "aggregates.a.path: /sync is reserved",
+            id="reserved-sync-root",
+        ),
+        pytest.param(
             toml().replace('path = "/api/a"', 'path = "api/a"'),
             "aggregates.a.path: String should match pattern",
             id="path-without-slash",
