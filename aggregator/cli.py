@@ -21,7 +21,7 @@ from aggregator.config import AppConfig, ParamValue, load_config
 from aggregator.errors import ConfigError, InvalidRequestError, WarmError
 from aggregator.log import configure_logging
 from aggregator.settings import Settings
-from aggregator.views.admin import check_target, typed_params
+from aggregator.views.admin import check_target
 
 DEMO_HOST = "127.0.0.1"
 DEMO_PORT = 8101
@@ -214,7 +214,7 @@ def cache_purge(
     typed = None
     if aggregate is not None and params:
         try:
-            typed = typed_params(config.aggregates[aggregate], params)
+            typed = config.aggregates[aggregate].typed_params(params)
         except InvalidRequestError as exc:
             raise click.BadParameter(f"{exc.field}: {exc.reason}", param_hint="--param") from None
     configure_logging()

@@ -3,7 +3,7 @@
 AggregatorError
  +-- ConfigError                    the TOML file or an environment variable is unusable
  +-- InvalidRequestError            a client's parameters or body were rejected (4xx)
- |    +-- RequestTooLargeError      the request body is over the limit (413)
+ |    +-- UnknownTargetError        an admin request names no configured aggregate/upstream (404)
  +-- UpstreamError                  one source failed; carried into the envelope, never raised
  |    +-- UpstreamTimeoutError      no full answer within the source's timeout
  |    +-- UpstreamUnavailableError  connection refused, reset or closed early
@@ -53,10 +53,10 @@ class InvalidRequestError(AggregatorError):
         return f"{type(self).__name__}(field={self.field!r}, reason={self.reason!r})"
 
 
-class RequestTooLargeError(InvalidRequestError):
-    """The request body is over the configured limit."""
+class UnknownTargetError(InvalidRequestError):
+    """An admin request (purge, warm) names an aggregate or upstream not in the config."""
 
-    status = 413
+    status = 404
 
 
 class UpstreamError(AggregatorError):

@@ -49,8 +49,8 @@ class CacheStore:
         self, cache: Cache, settings: Settings, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.backend: Any = cache.cache
+        # In-memory backends: no blocking I/O (called inline), and nothing another process sees.
         self.inline = isinstance(self.backend, backends.SimpleCache | backends.NullCache)
-        self.shared = not isinstance(self.backend, backends.SimpleCache | backends.NullCache)
         # flask-caching's Redis base: Sentinel and Cluster backends lock across processes too.
         self.is_redis = isinstance(self.backend, flask_caching_backends.RedisCache)
         self.settings = settings
@@ -68,6 +68,11 @@ class CacheStore:
             if client is not None and hasattr(client, "close"):
                 with contextlib.suppress(Exception):  # closing a dead connection may raise
                     client.close()
+
+    @property
+    def shared(self) -> bool:
+        """Whether other processes read this cache (files, Redis), so warming it helps them."""
+        return not self.inline
 
     @property
     def available(self) -> bool:

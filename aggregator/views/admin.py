@@ -4,21 +4,20 @@
 `{"upstream": NAME}` (aggregate and upstream may be combined). Parameters are typed, validated
 and defaulted exactly as a live request's query string, so `{"user_id": "07"}` purges the entry
 that `?user_id=7` filled. The token (AGGREGATOR_ADMIN_TOKEN) never appears in a log line or a
-response. `check_target` and `typed_params` are shared with `aggregator cache purge`.
+response. `check_target` is shared with `aggregator cache purge`.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from aggregator.cache import AggregateCache, CacheUnavailableError, purge
-from aggregator.config import AggregateConfig, AppConfig, ParamValue
-from aggregator.errors import InvalidRequestError
+from aggregator.config import AppConfig
+from aggregator.errors import InvalidRequestError, UnknownTargetError
 from aggregator.settings import Settings
 from aggregator.views.errors import error_response
 
@@ -27,12 +26,6 @@ logger = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 _BODY_KEYS = ("aggregate", "params", "upstream")
-
-
-class UnknownTargetError(InvalidRequestError):
-    """The aggregate or upstream to purge is not in the config (404)."""
-
-    status = 404
 
 
 def check_target(config: AppConfig, aggregate: str | None, upstream: str | None) -> None:
@@ -44,15 +37,6 @@ def check_target(config: AppConfig, aggregate: str | None, upstream: str | None)
         if name is not None and name not in known:
             names = ", ".join(sorted(known)) or "none"
             raise UnknownTargetError(field, f"unknown {field} {name!r} (known: {names})")
-
-
-def typed_params(agg: AggregateConfig, raw: Mapping[str, str]) -> dict[str, ParamValue]:
-    """`raw` typed, validated and defaulted as a live query string; unknown names are errors.
-
-    A live request ignores unknown parameters (cache-busters); a purge must not, or a typo in
-    an optional parameter's name would silently purge its default's entry instead.
-    """
-    return agg.typed_params(raw)
 
 
 @bp.post("/purge")
@@ -68,7 +52,7 @@ async def purge_cache() -> Response:
     params = None
     if aggregate is not None and raw_params is not None:
         try:
-            params = typed_params(config.aggregates[aggregate], raw_params)
+            params = config.aggregates[aggregate].typed_params(raw_params)
         except InvalidRequestError as exc:
             raise InvalidRequestError(f"params.{exc.field}", exc.reason) from None
     try:
@@ -114,7 +98,7 @@ async def warm_entry() -> Response:
     if not isinstance(only_missing, bool):
         raise InvalidRequestError("only_missing", "must be true or false")
     try:
-        params = typed_params(config.aggregates[aggregate], raw)
+        params = config.aggregates[aggregate].typed_params(raw)
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"params.{exc.field}", exc.reason) from None
     cache_info = {"type": settings.cache_type, "shared": service.store.shared}
@@ -165,7 +149,7 @@ def _unauthorized(message: str, reason: str) -> Response:
     return response
 
 
-def _parse_body(body: Any) -> tuple[str | None, dict[str, str] | None, str | None]:
+def _parse_body(body: Any) -> tuple[str | None, dict[str, object] | None, str | None]:
     """`(aggregate, params, upstream)` from the JSON body; InvalidRequestError names the field."""
     if not isinstance(body, dict):
         raise InvalidRequestError(
@@ -184,7 +168,7 @@ def _parse_body(body: Any) -> tuple[str | None, dict[str, str] | None, str | Non
     elif aggregate is None:
         raise InvalidRequestError("params", "given without an aggregate")
     else:
-        params = {str(name): _query_value(f"params.{name}", value) for name, value in raw.items()}
+        params = {str(name): value for name, value in raw.items()}  # typed by typed_params
     if aggregate is None and upstream is None:
         raise InvalidRequestError("body", 'needs "aggregate" (maybe with "params") or "upstream"')
     return aggregate, params, upstream
@@ -197,14 +181,3 @@ def _name(body: dict[str, Any], key: str) -> str | None:
     if not isinstance(value, str) or not value:
         raise InvalidRequestError(key, "must be a non-empty string")
     return value
-
-
-def _query_value(field: str, value: object) -> str:
-    """A JSON scalar as the query-string text a live request would carry."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        return repr(value)
-    raise InvalidRequestError(field, "must be a string, number or boolean")
