@@ -22,6 +22,10 @@ RUN pip install --no-deps . && rm -rf build
 
 USER app
 EXPOSE 8000
+# Liveness, not readiness: Docker (and Swarm, which replaces unhealthy tasks) should restart a
+# process that no longer serves HTTP, not every replica at once because Redis is down (the app
+# keeps answering uncached meanwhile). Route traffic with /readyz instead: a load balancer's
+# health check or a Kubernetes readinessProbe (503 names the part that is not ready).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
 # Exec form so SIGTERM reaches hypercorn and it drains gracefully.

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +83,9 @@ class CacheStore:
     async def _call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if not self.available:
             raise CacheUnavailableError(f"cache skipped after a recent failure ({what})")
+        return await self._run(what, fn, *args, **kwargs)
+
+    async def _run(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         try:
             if self.inline:
                 return fn(*args, **kwargs)
@@ -111,6 +116,15 @@ class CacheStore:
         else:
             self._suppressed += 1
 
+    async def ping(self) -> str:
+        """Whether the backend answers now (readiness); returns what was checked.
+
+        Unlike the other calls it ignores the cool-down after a failure (a probe must look, not
+        repeat the last verdict), but it is bounded and off the loop like them, and a failure
+        counts like theirs: requests then skip the cache for `cache_retry_after`.
+        """
+        return await self._run("ping", _ping_backend, self.backend)
+
     async def get_many(self, *keys: str) -> list[Any]:
         result: list[Any] = await self._call("get", self.backend.get_many, *keys)
         return result
@@ -138,3 +152,26 @@ class CacheStore:
             return
         client = self.backend._write_client
         await self._call("unlock", client.eval, _UNLOCK, 1, self.backend.key_prefix + key, token)
+
+
+def _ping_backend(backend: Any) -> str:
+    """The cheapest real round trip per backend (blocking: runs in the store's pool)."""
+    if isinstance(backend, backends.NullCache):
+        return "null backend (caching off)"
+    if isinstance(backend, backends.SimpleCache):
+        return "in-process memory"
+    if isinstance(backend, flask_caching_backends.RedisCache):
+        # Sentinel and Cluster backends read from replicas: both sides must answer.
+        clients = {id(c): c for c in (backend._write_client, backend._read_client)}
+        for client in clients.values():
+            if not client.ping():
+                raise ConnectionError("PING was not answered with PONG")
+        return "redis PING answered"
+    if isinstance(backend, backends.FileSystemCache):
+        # A file created and removed proves the directory exists and is writable, without
+        # cachelib's set(), which may prune (list) the whole directory.
+        fd, name = tempfile.mkstemp(prefix=".readyz-", dir=backend._path)
+        os.close(fd)
+        os.unlink(name)
+        return f"directory {backend._path} writable"
+    raise TypeError(f"no readiness check for {type(backend).__name__}")
