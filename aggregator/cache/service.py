@@ -7,6 +7,12 @@ fill others are waiting for, and the lifespan cancels leftovers at shutdown. Sta
 revalidate refreshes use the same tasks, so a key is never refreshed twice at once. With Redis,
 a short `SET NX` lock per key makes other processes wait for the holder's entry instead of
 fanning out themselves.
+
+Every answer carries `Server-Timing`: the sources this request waited for (a miss), then
+`cache` (ms spent on cache I/O: the lookup, and a fill's lock, re-check and store) and `total`
+(ms from the lookup that began the request, before Flask when the adapter's fast path ran it,
+to the answer's headers). A hit has no source entries: the sources did not run for it, and their
+times when the entry was filled are in the body's `sources`.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class Filled:
     timing: str
     entry: AggregateEntry | None = None  # set when the answer came from another process
     stored: bool = False  # set when this fill's answer was written to the cache
+    cache_ms: float = 0.0  # cache I/O of this fill (lock, re-check, store), for Server-Timing
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,9 @@ class Lookup:
     params: Mapping[str, ParamValue]
     state: State
     entry: AggregateEntry | None = None
+    #: perf_counter() when the request's handling began, and ms the lookup took (Server-Timing).
+    started: float = 0.0
+    ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +164,16 @@ class AggregateCache:
         agg = self.config.aggregates[name]
         return agg.cache_ttl > 0 or agg.cache_partial_ttl is not None
 
-    async def lookup(self, name: str, params: Mapping[str, ParamValue]) -> Lookup:
+    async def lookup(
+        self, name: str, params: Mapping[str, ParamValue], *, started: float | None = None
+    ) -> Lookup:
+        """What the cache holds for the key, timed; `started` is when the request began."""
+        begun = time.perf_counter()
+        found = await self._lookup(name, params)
+        ms = (time.perf_counter() - begun) * 1000
+        return dataclasses.replace(found, started=begun if started is None else started, ms=ms)
+
+    async def _lookup(self, name: str, params: Mapping[str, ParamValue]) -> Lookup:
         if not self.caches(name):
             return Lookup(name, params, "off")
         key = aggregate_key(name, params)
@@ -204,6 +223,7 @@ class AggregateCache:
         self, path: str, query_string: str, if_none_match: str | None
     ) -> tuple[Answer | None, Lookup | None]:
         """For the adapter, before Flask: the answer to a fresh hit, else what we looked up."""
+        started = time.perf_counter()
         name = self._routes.get(path)
         if name is None or not self.caches(name):
             return None, None
@@ -211,9 +231,9 @@ class AggregateCache:
             params = self.config.aggregates[name].parse_params(parse_query(query_string))
         except InvalidRequestError:
             return None, None  # Flask renders the 400
-        lookup = await self.lookup(name, params)
+        lookup = await self.lookup(name, params, started=started)
         if lookup.state == "fresh" and lookup.entry is not None:
-            return self._from_entry(lookup.entry, "HIT", if_none_match), None
+            return self._from_entry(lookup.entry, "HIT", if_none_match, lookup), None
         return None, lookup
 
     # -- answering --------------------------------------------------------------------------
@@ -229,28 +249,37 @@ class AggregateCache:
         if lookup is None or lookup.name != name or lookup.params != params:
             lookup = await self.lookup(name, params)
         if lookup.state == "fresh" and lookup.entry is not None:
-            return self._from_entry(lookup.entry, "HIT", if_none_match)
+            return self._from_entry(lookup.entry, "HIT", if_none_match, lookup)
         if lookup.state == "stale" and lookup.entry is not None:
             self._refresh_in_background(name, params)
-            return self._from_entry(lookup.entry, "STALE", if_none_match)
+            return self._from_entry(lookup.entry, "STALE", if_none_match, lookup)
         if lookup.state == "off":
             filled = await self._fill_fn(name, params)  # not cached: a disconnect cancels it
-            return self._from_filled(filled, None, 0)
+            return self._from_filled(filled, None, 0, None, lookup)
         # Cache down (bypass) too: concurrent requests still share one fan-out per process, so
         # a cache outage never multiplies the load on upstreams.
         filled = await self._single_flight(name, params)
         if filled.entry is not None:
-            return self._from_entry(filled.entry, "HIT", if_none_match)
+            return self._from_entry(filled.entry, "HIT", if_none_match, lookup, filled)
         if filled.status >= 500 and lookup.entry is not None:
             if lookup.state in ("stale_if_error", "stale"):
                 logger.info("serving stale %s: its refresh answered %d", name, filled.status)
-                return self._from_entry(lookup.entry, "STALE", if_none_match)
+                return self._from_entry(lookup.entry, "STALE", if_none_match, lookup, filled)
         if lookup.state == "bypass":
-            return self._from_filled(filled, "BYPASS", 0, if_none_match)
+            return self._from_filled(filled, "BYPASS", 0, if_none_match, lookup)
         ttl = aggregate_ttls(self.config.aggregates[name], filled.complete)
-        return self._from_filled(filled, "MISS", ttl if filled.status == 200 else 0, if_none_match)
+        max_age = ttl if filled.status == 200 else 0
+        return self._from_filled(filled, "MISS", max_age, if_none_match, lookup)
 
-    def _from_entry(self, entry: AggregateEntry, how: str, if_none_match: str | None) -> Answer:
+    def _from_entry(
+        self,
+        entry: AggregateEntry,
+        how: str,
+        if_none_match: str | None,
+        lookup: Lookup,
+        filled: Filled | None = None,
+    ) -> Answer:
+        """Answer with a stored entry; `filled` is a fill this request waited for meanwhile."""
         meta = entry.meta
         age = meta.age(self.clock())
         max_age = max(0, int(meta.ttl - age)) if how == "HIT" else 0
@@ -260,18 +289,24 @@ class AggregateCache:
             ("Age", str(int(age))),
             ("Cache-Control", f"max-age={max_age}"),
             ("X-Aggregate-Complete", "true" if meta.complete else "false"),
-            ("Server-Timing", f'cache;desc="{how.lower()}"'),
+            ("Server-Timing", _server_timing(how.lower(), lookup, filled)),
         ]
         if meta.status == 200 and etag_matches(if_none_match, meta.etag):
             return Answer(304, headers, b"")
         return Answer(meta.status, [("Content-Type", "application/json"), *headers], entry.body)
 
     def _from_filled(
-        self, filled: Filled, how: str | None, ttl: float, if_none_match: str | None = None
+        self,
+        filled: Filled,
+        how: str | None,
+        ttl: float,
+        if_none_match: str | None,
+        lookup: Lookup,
     ) -> Answer:
+        timing = _server_timing("off" if how is None else how.lower(), lookup, filled)
         headers = [
             ("X-Aggregate-Complete", "true" if filled.complete else "false"),
-            ("Server-Timing", filled.timing),
+            ("Server-Timing", timing),
             ("Cache-Control", f"max-age={int(ttl)}" if ttl > 0 else "no-store"),
         ]
         if how is not None:
@@ -369,6 +404,16 @@ class AggregateCache:
         self, name: str, params: Mapping[str, ParamValue], key: str, *, force: bool = False
     ) -> Filled:
         """One fan-out for `key`, stored; `force` (warming) never settles for an older entry."""
+        begun = time.perf_counter()
+        filled, fan_out_ms = await self._fill_and_store_untimed(name, params, key, force=force)
+        # Everything here that is not the fan-out itself is cache I/O (or waiting on it).
+        cache_ms = (time.perf_counter() - begun) * 1000 - fan_out_ms
+        return dataclasses.replace(filled, cache_ms=max(cache_ms, 0.0))
+
+    async def _fill_and_store_untimed(
+        self, name: str, params: Mapping[str, ParamValue], key: str, *, force: bool
+    ) -> tuple[Filled, float]:
+        """`_fill_and_store`, and the ms its fan-out took (0 when another fill answered)."""
         agg = self.config.aggregates[name]
         started = self.clock()
         token: str | None = ""
@@ -378,7 +423,7 @@ class AggregateCache:
             newer_than = started if force else 0.0
             entry = await self._await_entry(name, params, key, agg.deadline + 1.0, newer_than)
             if entry is not None:
-                return Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry)
+                return Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry), 0.0
         try:
             if token is not None and not force:
                 # The requester's lookup missed, but a fill that ended since may have stored the
@@ -389,11 +434,14 @@ class AggregateCache:
                     again = await self.lookup(name, params)
                     entry = again.entry if again.state == "fresh" else None
                 if entry is not None:
-                    return Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry)
+                    filled = Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry)
+                    return filled, 0.0
+            fill_started = time.perf_counter()
             filled = await self._fill_fn(name, params)
+            fan_out_ms = (time.perf_counter() - fill_started) * 1000
             if await self._store(name, key, filled):
-                return dataclasses.replace(filled, stored=True)
-            return filled
+                return dataclasses.replace(filled, stored=True), fan_out_ms
+            return filled, fan_out_ms
         finally:
             if token:
                 with contextlib.suppress(CacheUnavailableError):
@@ -440,3 +488,12 @@ class AggregateCache:
             return False
         self._remember(key, AggregateEntry(meta, filled.body))
         return True
+
+
+def _server_timing(cache_state: str, lookup: Lookup, filled: Filled | None) -> str:
+    """Sources this request waited for, then `cache` and `total`, e.g. for a hit:
+    `cache;dur=0.04;desc="hit", total;dur=0.09`."""
+    cache_ms = lookup.ms + (filled.cache_ms if filled is not None else 0.0)
+    total_ms = (time.perf_counter() - lookup.started) * 1000
+    own = f'cache;dur={cache_ms:.2f};desc="{cache_state}", total;dur={total_ms:.2f}'
+    return f"{filled.timing}, {own}" if filled is not None and filled.timing else own
