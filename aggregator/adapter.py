@@ -121,6 +121,10 @@ class AggregatorFlask(Flask):
     """Flask that awaits async views on the server loop and keeps `def` views off it."""
 
     def __init__(self, *args: Any, view_threads: int = 64, **kwargs: Any) -> None:
+        # One wrapper per view, so a view routed from several rules stays one endpoint function
+        # (Flask refuses a second, different function for the same endpoint). Set first:
+        # Flask.__init__ already adds the static route.
+        self._wrapped: dict[Callable[..., Any], Callable[..., Any]] = {}
         super().__init__(*args, **kwargs)
         # Threads start lazily, so an app that never serves a `def` view in loop mode has none.
         self.view_pool = ThreadPoolExecutor(view_threads, thread_name_prefix="aggregator-view")
@@ -152,7 +156,9 @@ class AggregatorFlask(Flask):
     ) -> None:
         """Register views; `def` views are wrapped to run in the pool when on the loop."""
         if view_func is not None and not iscoroutinefunction(view_func):
-            view_func = self._offloaded(view_func)
+            if view_func not in self._wrapped:
+                self._wrapped[view_func] = self._offloaded(view_func)
+            view_func = self._wrapped[view_func]
         super().add_url_rule(rule, endpoint, view_func, provide_automatic_options, **options)
 
     def _offloaded(self, view: Callable[..., Any]) -> Callable[..., Any]:

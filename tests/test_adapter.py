@@ -266,3 +266,20 @@ params = {{ city = "str" }}
 
 def test_flask_app_type_is_the_bridge(app):
     assert isinstance(app, AggregatorFlask)
+
+
+async def test_a_def_view_routed_from_two_rules_is_one_endpoint_run_in_the_pool(config_path):
+    # Swagger UI's blueprint routes "/" and "/<path>" to one `def` view; wrapping it twice
+    # made Flask refuse the second rule ("overwriting an existing endpoint function").
+    flask_app = create_app(Settings(config=config_path))
+
+    def where(path: str = "") -> dict[str, str]:
+        return {"path": path, "thread": threading.current_thread().name}
+
+    flask_app.add_url_rule("/two", "two", where)
+    flask_app.add_url_rule("/two/<path:path>", "two", where)
+    adapter = ASGIAdapter(flask_app, Settings(config=config_path))
+    async with adapter.lifespan(), _client(adapter) as client:
+        root, sub = await client.get("/two"), await client.get("/two/x")
+    assert (root.json()["path"], sub.json()["path"]) == ("", "x")
+    assert sub.json()["thread"].startswith("aggregator-view")
