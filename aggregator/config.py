@@ -19,7 +19,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from aggregator.errors import ConfigError, InvalidRequestError
 from aggregator.urltemplate import UrlTemplate
@@ -140,6 +148,22 @@ class UpstreamConfig(_Strict):
     #: Seconds to reuse a successful answer. Unset: honour the upstream's Cache-Control
     #: (max-age; no-store and private mean never); set: this wins; 0: never cache.
     cache_ttl: float | None = Field(default=None, ge=0, le=86_400)
+    # -- resilience (aggregator.resilience; per worker process) --------------------------------
+    #: Extra attempts after a connect error or HTTP 502/503/504, within `timeout`.
+    retries: int = Field(default=2, ge=0, le=10)
+    #: Seconds: retry k waits a random time in [0, retry_backoff x 2^(k-1)] (full jitter).
+    retry_backoff: float = Field(default=0.05, gt=0, le=60)
+    #: Retries may be at most this share of calls over 10 s (plus 3), so a dead upstream sees
+    #: at most ~(1 + retry_budget) x its traffic.
+    retry_budget: float = Field(default=0.2, ge=0, le=1)
+    #: Consecutive failed calls that open the circuit breaker; 0 disables it.
+    breaker_failures: int = Field(default=5, ge=0, le=10_000)
+    #: Seconds the breaker stays open before one probe call is let through.
+    breaker_cooldown: float = Field(default=5.0, gt=0, le=3_600)
+    #: Calls in flight at once; more are refused at once as `overloaded`. Unset: no limit.
+    max_concurrency: int | None = Field(default=None, ge=1, le=100_000)
+    #: Data answered in place of a failed call (flagged `fallback`); checked against `schema`.
+    fallback: JsonValue = None
 
     @field_validator("url", mode="after")
     @classmethod
@@ -176,6 +200,17 @@ class UpstreamConfig(_Strict):
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             raise TypeError(f"{self.schema_} is not a pydantic model")
         return model
+
+    @cached_property
+    def fallback_data(self) -> Any:
+        """`fallback` as a live answer would be served: validated and dumped by `schema`.
+
+        Raises pydantic's ValidationError when it does not match; the config load checks it.
+        """
+        model = self.model
+        if model is None or self.fallback is None:
+            return self.fallback
+        return model.model_validate(self.fallback).model_dump(mode="json")
 
 
 class AggregateConfig(_Strict):
@@ -287,6 +322,16 @@ def _cross_problems(config: AppConfig) -> list[str]:
             up.model  # noqa: B018 - imported once here so a bad schema stops start-up
         except Exception as exc:  # import errors of user code come in every shape
             problems.append(f"upstreams.{name}.schema: cannot load {up.schema_}: {exc}")
+            continue
+        try:
+            up.fallback_data  # noqa: B018 - a fallback that would fail validation stops start-up
+        except ValidationError as exc:
+            for err in exc.errors(include_input=False, include_url=False):
+                where = ".".join(str(p) for p in err["loc"])
+                problems.append(
+                    f"upstreams.{name}.fallback{'.' + where if where else ''}: {err['msg']} "
+                    f"(it must match {up.schema_})"
+                )
     paths: dict[str, str] = {}
     for name, agg in config.aggregates.items():
         where = f"aggregates.{name}"

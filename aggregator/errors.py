@@ -9,6 +9,8 @@ AggregatorError
  |    +-- UpstreamUnavailableError  connection refused, reset or closed early
  |    +-- UpstreamBadStatusError    a non-2xx status
  |    +-- UpstreamInvalidPayloadError  not JSON, wrong shape, or too large
+ |    +-- UpstreamCircuitOpenError  not called: its circuit breaker is open (resilience)
+ |    +-- UpstreamOverloadedError   not called: its concurrency limit is reached (resilience)
  +-- WarmError                      `aggregator warm` cannot start (exit 2); nothing was warmed
       +-- TargetError               targets that fail validation, each named by file, line, field
       +-- NotWarmableError          a per-process cache, a refused token, an unreachable URL
@@ -109,6 +111,18 @@ class UpstreamInvalidPayloadError(UpstreamError):
         super().__init__(upstream, detail)
         self.kind = kind
         self.locations = locations or []
+
+
+class UpstreamCircuitOpenError(UpstreamError):
+    """The source was not called: its recent calls failed and its breaker is open."""
+
+    kind = "circuit_open"
+
+
+class UpstreamOverloadedError(UpstreamError):
+    """The source was not called: it already has as many calls in flight as it may."""
+
+    kind = "overloaded"
 
 
 class WarmError(AggregatorError):

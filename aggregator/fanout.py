@@ -10,6 +10,11 @@ others are called as usual (`cache="miss"` when they succeed) and handed back to
 Its one lookup counts against the deadline. fanout knows the cache only through the small
 `SourceCacheProtocol` below, so it does not depend on the cache package.
 
+With `guards` (one `aggregator.resilience.Guards` per worker), each call goes through its
+upstream's retries, breaker and bulkhead, and no retry starts that could not end before the
+deadline. A failed source whose upstream has `fallback` data is answered with it (flagged, its
+error kind kept), whatever the failure, the deadline included.
+
 The sync twins' fan-outs (`fan_out_in_turn`, `fan_out_threads`) are here too: same results and
 deadline reporting, on a blocking client, for comparison with the async views.
 """
@@ -28,6 +33,7 @@ import httpx
 
 from aggregator.config import AggregateConfig, AppConfig, ParamValue
 from aggregator.models import SourceResult
+from aggregator.resilience import Guards, with_fallback
 from aggregator.upstream import fetch, fetch_sync
 
 
@@ -55,16 +61,26 @@ async def fan_out(
     *,
     max_body: int,
     source_cache: SourceCacheProtocol | None = None,
+    guards: Guards | None = None,
 ) -> dict[str, SourceResult]:
     """Call every source of `aggregate` concurrently; results keyed by source, in config order."""
     started = time.perf_counter()
+    deadline = time.monotonic() + aggregate.deadline  # the guards' clock
     looked_up: Mapping[str, SourceResult | None] = {}
     if source_cache is not None:
         looked_up = await source_cache.lookup(aggregate, params)
     hits = {name: r for name, r in looked_up.items() if r is not None}
     tasks = {
         name: asyncio.create_task(
-            fetch(client, name, config.upstreams[name], params, max_body=max_body),
+            fetch(
+                client,
+                name,
+                config.upstreams[name],
+                params,
+                max_body=max_body,
+                guard=guards.get(name) if guards is not None else None,
+                deadline=deadline,
+            ),
             name=f"upstream:{name}",
         )
         for name in aggregate.sources
@@ -97,7 +113,7 @@ async def fan_out(
     fetched = {name: r for name, r in results.items() if r.cache == "miss"}
     if source_cache is not None and fetched:
         await source_cache.store(params, fetched)
-    return results
+    return _with_fallbacks(config, results)
 
 
 # -- the sync twins (a benchmark comparison: DESIGN §2, classic blocking style) -----------------
@@ -110,6 +126,7 @@ def fan_out_in_turn(
     params: Mapping[str, ParamValue],
     *,
     max_body: int,
+    guards: Guards | None = None,
 ) -> dict[str, SourceResult]:
     """Call the sources one after another (the classic sync style); no source cache.
 
@@ -117,14 +134,18 @@ def fan_out_in_turn(
     aggregate deadline are reported as `deadline` without being called.
     """
     started = time.perf_counter()
+    deadline = time.monotonic() + aggregate.deadline
     results: dict[str, SourceResult] = {}
     for name in aggregate.sources:
         if time.perf_counter() - started >= aggregate.deadline:
             results[name] = _past_deadline(name, aggregate, _ms_since(started))
         else:
             upstream = config.upstreams[name]
-            results[name] = fetch_sync(client, name, upstream, params, max_body=max_body)
-    return results
+            guard = guards.get(name) if guards is not None else None
+            results[name] = fetch_sync(
+                client, name, upstream, params, max_body=max_body, guard=guard, deadline=deadline
+            )
+    return _with_fallbacks(config, results)
 
 
 def fan_out_threads(
@@ -135,6 +156,7 @@ def fan_out_threads(
     *,
     max_body: int,
     executor: Executor,
+    guards: Guards | None = None,
 ) -> dict[str, SourceResult]:
     """Call every source at once on `executor` threads, under the aggregate deadline.
 
@@ -144,9 +166,17 @@ def fan_out_threads(
     runs in, or a full pool would wait for itself.
     """
     started = time.perf_counter()
+    deadline = time.monotonic() + aggregate.deadline
     calls = {
         name: executor.submit(
-            fetch_sync, client, name, config.upstreams[name], params, max_body=max_body
+            fetch_sync,
+            client,
+            name,
+            config.upstreams[name],
+            params,
+            max_body=max_body,
+            guard=guards.get(name) if guards is not None else None,
+            deadline=deadline,
         )
         for name in aggregate.sources
     }
@@ -154,10 +184,15 @@ def fan_out_threads(
     for call in pending:
         call.cancel()
     elapsed = _ms_since(started)
-    return {
+    results = {
         name: call.result() if call in done else _past_deadline(name, aggregate, elapsed)
         for name, call in calls.items()
     }
+    return _with_fallbacks(config, results)
+
+
+def _with_fallbacks(config: AppConfig, results: dict[str, SourceResult]) -> dict[str, SourceResult]:
+    return {name: with_fallback(r, config.upstreams[name]) for name, r in results.items()}
 
 
 def _past_deadline(name: str, aggregate: AggregateConfig, ms: float) -> SourceResult:

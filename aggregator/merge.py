@@ -8,8 +8,12 @@ from aggregator.models import Envelope, SourceError, SourceInfo, SourceResult
 
 
 def merge(results: Mapping[str, SourceResult], required: Sequence[str]) -> tuple[Envelope, int]:
-    """Build the envelope; the status is 502/504 only when a required source failed."""
-    data = {name: r.data for name, r in results.items() if r.ok}
+    """Build the envelope; the status is 502/504 only when a required source failed.
+
+    A failed source served from its fallback has data, stays in `errors` (so the answer is not
+    complete) and is flagged in `sources`; it does not fail the answer.
+    """
+    data = {name: r.data for name, r in results.items() if r.ok or r.fallback}
     errors = {
         name: SourceError(
             kind=r.status,
@@ -21,14 +25,17 @@ def merge(results: Mapping[str, SourceResult], required: Sequence[str]) -> tuple
         if not r.ok
     }
     sources = {
-        name: SourceInfo(status=r.status, ms=r.ms, cache=r.cache) for name, r in results.items()
+        name: SourceInfo(status=r.status, ms=r.ms, cache=r.cache, fallback=r.fallback or None)
+        for name, r in results.items()
     }
     envelope = Envelope(data=data, errors=errors, sources=sources, complete=not errors)
     return envelope, _status(results, required)
 
 
 def _status(results: Mapping[str, SourceResult], required: Sequence[str]) -> int:
-    failed = [results[name] for name in required if name in results and not results[name].ok]
+    failed = [
+        r for name in required if (r := results.get(name)) is not None and not (r.ok or r.fallback)
+    ]
     if not failed:
         return 200
     if any(r.status == "deadline" for r in failed):

@@ -20,6 +20,7 @@ SourceStatus = Literal[
     "too_large",
     "deadline",
     "circuit_open",
+    "overloaded",
 ]
 
 #: Where a source's data came from when a source cache was consulted for it.
@@ -58,6 +59,8 @@ class SourceResult:
     cache_control: CacheControl | None = None
     #: "hit" or "miss" when a source cache was consulted for this source, else None.
     cache: SourceCacheState | None = None
+    #: The call failed (`status` says how) and `data` is the upstream's configured fallback.
+    fallback: bool = False
 
     @property
     def ok(self) -> bool:
@@ -74,11 +77,16 @@ class SourceError(BaseModel):
 
 
 class SourceInfo(BaseModel):
-    """Per-source status and timing, present for every source; `cache` only when one applied."""
+    """Per-source status and timing, present for every source; `cache` only when one applied.
+
+    `fallback` is present (true) only when `data` holds the configured fallback in place of a
+    failed call; `status` then keeps the failure's kind, so older readers see a failure.
+    """
 
     status: SourceStatus
     ms: float
     cache: SourceCacheState | None = None
+    fallback: bool | None = None
 
 
 class Envelope(BaseModel):

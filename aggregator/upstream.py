@@ -46,6 +46,7 @@ from aggregator.errors import (
     UpstreamUnavailableError,
 )
 from aggregator.models import CacheControl, SourceResult
+from aggregator.resilience import UpstreamGuard
 from aggregator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -97,20 +98,34 @@ async def fetch(
     params: Mapping[str, ParamValue],
     *,
     max_body: int,
+    guard: UpstreamGuard | None = None,
+    deadline: float | None = None,
 ) -> SourceResult:
-    """Call one upstream; the result is data or an error kind, never an exception."""
+    """Call one upstream; the result is data or an error kind, never an exception.
+
+    With a `guard` the call may be retried, refused (`circuit_open`, `overloaded`) or cut
+    short of retries by `deadline` (the aggregate's end, `time.monotonic()` clock); see
+    `aggregator.resilience`. Every attempt shares the source's `timeout`.
+    """
     started = time.perf_counter()
     url = upstream.template.render(params)
-    try:
-        async with asyncio.timeout(upstream.timeout):
-            body, cache_control = await _get(client, name, url, upstream, max_body)
-        data = _decode(name, upstream, body)
-    except UpstreamError as exc:
-        result = _failure(name, exc, started)
-    except TimeoutError:
-        result = _failure(name, _cut_off(name, upstream), started)
+
+    async def attempt(seconds: float) -> SourceResult:
+        try:
+            async with asyncio.timeout(seconds):
+                body, cache_control = await _get(client, name, url, upstream, max_body)
+            data = _decode(name, upstream, body)
+        except UpstreamError as exc:
+            return _failure(name, exc, started)
+        except TimeoutError:
+            return _failure(name, _cut_off(name, upstream), started)
+        return _success(name, data, cache_control, started)
+
+    if guard is None:
+        result = await attempt(upstream.timeout)
     else:
-        result = _success(name, data, cache_control, started)
+        outcome = await guard.call(attempt, deadline=deadline)
+        result = _failure(name, outcome, started) if isinstance(outcome, UpstreamError) else outcome
     logger.debug("upstream %s %s %.1f ms", name, result.status, result.ms)
     return result
 
@@ -122,22 +137,32 @@ def fetch_sync(
     params: Mapping[str, ParamValue],
     *,
     max_body: int,
+    guard: UpstreamGuard | None = None,
+    deadline: float | None = None,
 ) -> SourceResult:
     """`fetch` for blocking code (the sync twins): same limits, same error kinds, never raises.
 
     A thread cannot be cancelled, so the source's total timeout is a monotonic deadline checked
     between body chunks; a stall between chunks is cut by httpx's read timeout, so a call ends
     within about twice its timeout at worst (a drip until just before the deadline, then a stall).
+    A `guard` applies the same policy as in `fetch`, on the same per-process state.
     """
     started = time.perf_counter()
     url = upstream.template.render(params)
-    try:
-        body, cache_control = _get_sync(client, name, url, upstream, max_body)
-        data = _decode(name, upstream, body)
-    except UpstreamError as exc:
-        result = _failure(name, exc, started)
+
+    def attempt(seconds: float) -> SourceResult:
+        try:
+            body, cache_control = _get_sync(client, name, url, upstream, max_body, seconds)
+            data = _decode(name, upstream, body)
+        except UpstreamError as exc:
+            return _failure(name, exc, started)
+        return _success(name, data, cache_control, started)
+
+    if guard is None:
+        result = attempt(upstream.timeout)
     else:
-        result = _success(name, data, cache_control, started)
+        outcome = guard.call_sync(attempt, deadline=deadline)
+        result = _failure(name, outcome, started) if isinstance(outcome, UpstreamError) else outcome
     logger.debug("upstream %s %s %.1f ms (sync)", name, result.status, result.ms)
     return result
 
@@ -174,8 +199,10 @@ class SyncClient:
             logger.info("sync upstream client closed")
 
 
-def _timeouts(upstream: UpstreamConfig) -> httpx.Timeout:
-    return httpx.Timeout(upstream.timeout, connect=upstream.connect_timeout or upstream.timeout)
+def _timeouts(upstream: UpstreamConfig, seconds: float | None = None) -> httpx.Timeout:
+    """Per-phase timeouts, none longer than the `seconds` this attempt has (default: all)."""
+    total = upstream.timeout if seconds is None else max(0.001, min(seconds, upstream.timeout))
+    return httpx.Timeout(total, connect=min(total, upstream.connect_timeout or total))
 
 
 async def _get(
@@ -196,13 +223,18 @@ async def _get(
 
 
 def _get_sync(
-    client: httpx.Client, name: str, url: str, upstream: UpstreamConfig, max_body: int
+    client: httpx.Client,
+    name: str,
+    url: str,
+    upstream: UpstreamConfig,
+    max_body: int,
+    seconds: float,
 ) -> tuple[bytes, CacheControl]:
     """`_get` for a blocking client; it bounds the total time itself (see `fetch_sync`)."""
-    deadline = time.monotonic() + upstream.timeout
+    deadline = time.monotonic() + seconds
     try:
         with client.stream(
-            "GET", url, headers=upstream.headers, timeout=_timeouts(upstream)
+            "GET", url, headers=upstream.headers, timeout=_timeouts(upstream, seconds)
         ) as resp:
             _check_status(name, resp)
             body = _LimitedBody(name, resp, max_body)

@@ -617,7 +617,9 @@ def test_explicit_cache_ttl_caches_without_cache_control(demo, write_config):
 
 @pytest.mark.integration
 def test_failed_sources_are_not_cached_and_carry_no_cache_field(demo, write_config):
-    client, _ = stack_client(write_config, stack_config(demo.url, f"{MAX_AGE_60}&status=503"))
+    # retries = 0: one call per request, so the count below shows nothing was served from cache
+    config = stack_config(demo.url, f"{MAX_AGE_60}&status=503", "retries = 0")
+    client, _ = stack_client(write_config, config)
     reset_demo(demo)
 
     responses = [client.get("/city?city=Paris") for _ in range(2)]

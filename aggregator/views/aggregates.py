@@ -10,6 +10,7 @@ from aggregator import cache
 from aggregator.config import AppConfig, ParamValue
 from aggregator.fanout import fan_out
 from aggregator.merge import merge, server_timing
+from aggregator.resilience import Guards
 from aggregator.settings import Settings
 from aggregator.upstream import borrow_client
 
@@ -17,16 +18,20 @@ from aggregator.upstream import borrow_client
 def register(app: Flask, settings: Settings, config: AppConfig) -> None:
     """Attach the cache and a blueprint with one route per aggregate in `config`.
 
-    The blueprint is built per app because its routes come from that app's config.
+    The blueprint is built per app because its routes come from that app's config. So are the
+    upstreams' guards (retries, breakers, bulkheads): one set per app, i.e. per worker process,
+    shared with the sync twins.
     """
-    cache.init_app(app, settings, config, _filler(app, settings, config))
+    guards = Guards(config.upstreams)
+    app.extensions["aggregator.guards"] = guards
+    cache.init_app(app, settings, config, _filler(app, settings, config, guards))
     bp = Blueprint("aggregates", __name__)
     for name, agg in config.aggregates.items():
         bp.add_url_rule(agg.path, endpoint=name, view_func=_make_view(name), methods=["GET"])
     app.register_blueprint(bp)
 
 
-def _filler(app: Flask, settings: Settings, config: AppConfig) -> cache.FillFn:
+def _filler(app: Flask, settings: Settings, config: AppConfig, guards: Guards) -> cache.FillFn:
     async def fill(name: str, params: Mapping[str, ParamValue]) -> cache.Filled:
         aggregate = config.aggregates[name]
         # Looked up per fill: init_app creates it after this function (and fills also run in
@@ -40,6 +45,7 @@ def _filler(app: Flask, settings: Settings, config: AppConfig) -> cache.FillFn:
                 params,
                 max_body=settings.max_upstream_body,
                 source_cache=sources,
+                guards=guards,
             )
         envelope, status = merge(results, aggregate.required)
         body = envelope.model_dump_json(exclude_none=True).encode()

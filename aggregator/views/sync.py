@@ -19,6 +19,7 @@ from aggregator.cache import parse_query
 from aggregator.config import AppConfig
 from aggregator.fanout import fan_out_in_turn, fan_out_threads
 from aggregator.merge import merge, server_timing
+from aggregator.resilience import Guards
 from aggregator.settings import Settings
 from aggregator.upstream import SyncClient
 
@@ -84,16 +85,25 @@ def _make_view(name: str, *, pooled: bool) -> Callable[[], Response]:
         config: AppConfig = current_app.extensions["aggregator.config"]
         settings: Settings = current_app.extensions["aggregator.settings"]
         twins: SyncTwins = current_app.extensions["aggregator.sync"]
+        guards: Guards | None = current_app.extensions.get("aggregator.guards")
         aggregate = config.aggregates[name]
         params = aggregate.parse_params(parse_query(request.environ.get("QUERY_STRING", "")))
         client = twins.client.get()
         max_body = settings.max_upstream_body
         if pooled:
             results = fan_out_threads(
-                client, config, aggregate, params, max_body=max_body, executor=twins.pool
+                client,
+                config,
+                aggregate,
+                params,
+                max_body=max_body,
+                executor=twins.pool,
+                guards=guards,
             )
         else:
-            results = fan_out_in_turn(client, config, aggregate, params, max_body=max_body)
+            results = fan_out_in_turn(
+                client, config, aggregate, params, max_body=max_body, guards=guards
+            )
         envelope, status = merge(results, aggregate.required)
         headers = [
             ("Content-Type", "application/json"),
