@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -54,6 +55,8 @@ from aggregator.models import SourceResult
 
 if TYPE_CHECKING:
     from aggregator.config import UpstreamConfig
+
+logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 #: One attempt: given the seconds it may take, one upstream call as a result (never raises).
@@ -318,7 +321,7 @@ class UpstreamGuard:
             raise
         finally:
             self.bulkhead.leave()
-        self.breaker.record(permit, failed=is_upstream_failure(result))
+        self._record(permit, result)
         return result
 
     def call_sync(
@@ -352,8 +355,23 @@ class UpstreamGuard:
             raise
         finally:
             self.bulkhead.leave()
-        self.breaker.record(permit, failed=is_upstream_failure(result))
+        self._record(permit, result)
         return result
+
+    def _record(self, permit: Permit, result: SourceResult) -> None:
+        """Tell the breaker; log its transitions (once each, not per refused call)."""
+        before = self.breaker.state
+        self.breaker.record(permit, failed=is_upstream_failure(result))
+        after = self.breaker.state
+        if after == "open" and before != "open":
+            logger.warning(
+                "upstream %s: circuit opened (%s); calls refused for %g s",
+                self.name,
+                result.status,
+                self.breaker.cooldown,
+            )
+        elif after == "closed" and before != "closed":
+            logger.info("upstream %s: circuit closed, calls flow again", self.name)
 
     def _admit(self) -> Permit | UpstreamError:
         if not self.bulkhead.try_enter():

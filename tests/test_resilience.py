@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from itertools import pairwise
 from typing import Any
@@ -29,7 +30,7 @@ from aggregator.resilience import (
     with_fallback,
 )
 from aggregator.settings import Settings
-from aggregator.upstream import fetch
+from aggregator.upstream import fetch, fetch_sync
 
 BASE = "http://upstream.test"
 
@@ -357,7 +358,10 @@ async def test_budget_bounds_the_traffic_a_dead_upstream_sees() -> None:
     assert len(attempt.given) > 500  # retries did happen, within the budget
 
 
-async def test_open_breaker_refuses_without_calling_and_a_probe_closes_it() -> None:
+async def test_open_breaker_refuses_without_calling_and_a_probe_closes_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="aggregator.resilience")
     clock = FakeClock()
     flaky = guard(clock, retries=0, breaker_failures=3, breaker_cooldown=5.0)
     attempt = Script(clock, result("timeout"))
@@ -372,7 +376,11 @@ async def test_open_breaker_refuses_without_calling_and_a_probe_closes_it() -> N
     attempt.answers = [result("ok")]
     probe = await flaky.call(attempt)
     assert isinstance(probe, SourceResult) and probe.ok
-    assert flaky.breaker.state == "closed"
+    assert state(flaky.breaker) == "closed"
+    assert [r.getMessage() for r in caplog.records] == [
+        "upstream up: circuit opened (timeout); calls refused for 5 s",
+        "upstream up: circuit closed, calls flow again",
+    ]
 
 
 async def test_a_retried_call_that_succeeds_is_a_success_for_the_breaker() -> None:
@@ -513,6 +521,19 @@ async def test_fetch_reports_refusals_as_error_kinds(
 
     assert outcome.status == "circuit_open" and "circuit open" in (outcome.detail or "")
     assert route.call_count == 1
+
+
+@pytest.mark.respx(base_url=BASE)
+def test_fetch_sync_shares_the_policy(respx_mock: respx.MockRouter) -> None:
+    route = respx_mock.get("/x").mock(
+        side_effect=[httpx.Response(502), httpx.Response(200, json={"a": 1})]
+    )
+    up = upstream(retries=1, retry_backoff=0.01)
+
+    with httpx.Client() as client:
+        outcome = fetch_sync(client, "up", up, {}, max_body=1000, guard=UpstreamGuard("up", up))
+
+    assert (outcome.status, outcome.data, route.call_count) == ("ok", {"a": 1}, 2)
 
 
 # -- config and fallback -------------------------------------------------------------------
