@@ -1,4 +1,4 @@
-"""The `aggregator` command: serve, demo, check-config, cache purge, warm; one function each."""
+"""The `aggregator` command: serve, demo, check-config, cache purge, warm, bench (its own module)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import httpx
 from pydantic import ValidationError
 
 from aggregator import create_app
+from aggregator.bench.command import bench as bench_command
 from aggregator.cache import AggregateCache, CacheUnavailableError, purge
 from aggregator.cache.backends import check_cache_settings
 from aggregator.config import AppConfig, ParamValue, load_config
@@ -412,6 +413,8 @@ def _answers(url: str) -> bool:
     except httpx.HTTPError:
         return False
 
+
+main.add_command(bench_command, "bench")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,180 @@
+"""`aggregator bench`: flags in, a bench run (or a generator check) out, exit codes for scripts.
+
+Exit 0 when every run completed (flags in the report are findings, not failures), 1 when a
+server or the load generator failed, 2 for bad flags (nothing started).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from aggregator.bench.load import LoadError, Tool, wrk_available
+from aggregator.bench.plan import DEFAULT_TARGETS, PlanError, Target, Workload, parse_target
+from aggregator.bench.report import print_table, summarize, write_outputs
+from aggregator.bench.runner import Options, compare_generators, run_bench
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected comma-separated integers") from None
+    if not levels or any(not 1 <= c <= 4096 for c in levels):
+        raise click.BadParameter(f"{text!r}: each level must be within 1..4096")
+    return tuple(sorted(set(levels)))
+
+
+def _targets(given: tuple[str, ...], console: Console) -> tuple[Target, ...]:
+    """Explicit targets must all be runnable; the default set drops what is not installed."""
+    specs = [s for item in given for s in item.split(",") if s.strip()]
+    try:
+        targets = [parse_target(s) for s in (specs or DEFAULT_TARGETS)]
+    except PlanError as exc:
+        raise click.BadParameter(str(exc), param_hint="--target") from None
+    runnable: list[Target] = []
+    for target in dict.fromkeys(targets):
+        missing = target.missing_package()
+        if missing is None:
+            runnable.append(target)
+        elif specs:
+            raise click.BadParameter(
+                f"{target.name} needs {missing}: pip install 'aggregator[bench]'",
+                param_hint="--target",
+            )
+        else:
+            console.print(f"skipping {target.name}: {missing} is not installed (bench extra)")
+    return tuple(runnable)
+
+
+@click.command()
+@click.option(
+    "--target",
+    "-t",
+    "targets",
+    multiple=True,
+    help="SERVER:VIEW[:ENGINE][+cached], repeatable or comma-separated "
+    "(e.g. loop:async:aiohttp, gunicorn:sync-pool, fastapi:async:httpx). Default: all.",
+)
+@click.option("--concurrency", "-c", default="1,16,64,256", show_default=True, help="Levels.")
+@click.option("--duration", "-d", default=5.0, show_default=True, type=click.FloatRange(0.5, 600))
+@click.option(
+    "--requests",
+    "-n",
+    type=click.IntRange(1, 10_000_000),
+    help="Also stop each run after this many requests (uses the built-in generator).",
+)
+@click.option("--reps", "-r", default=3, show_default=True, type=click.IntRange(1, 50))
+@click.option("--warmup", default=2.0, show_default=True, type=click.FloatRange(0, 120))
+@click.option("--sources", "-k", default=5, show_default=True, type=click.IntRange(1, 50))
+@click.option("--latency", default=0.1, show_default=True, type=click.FloatRange(0, 10))
+@click.option("--jitter", default=0.0, show_default=True, type=click.FloatRange(0, 10))
+@click.option("--failure-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1))
+@click.option(
+    "--tool",
+    type=click.Choice(["auto", "wrk", "builtin"]),
+    default="auto",
+    show_default=True,
+    help="Load generator (auto: wrk when installed).",
+)
+@click.option("--threads", default=64, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(0.5, 120))
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Write files here.")
+@click.option("--check", is_flag=True, help="Compare wrk with the built-in generator instead.")
+def bench(
+    targets: tuple[str, ...],
+    concurrency: str,
+    duration: float,
+    requests: int | None,
+    reps: int,
+    warmup: float,
+    sources: int,
+    latency: float,
+    jitter: float,
+    failure_rate: float,
+    tool: str,
+    threads: int,
+    timeout: float,
+    out: Path | None,
+    check: bool,
+) -> None:
+    """Measure async views against sync twins, serving modes, engines and FastAPI, on loopback."""
+    # Piped or logged output keeps the whole table on one line per row.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 220)
+    levels = _levels(concurrency)
+    chosen = _targets(targets, console)
+    if not chosen:
+        raise click.UsageError("no runnable target")
+    if tool == "wrk" and not wrk_available():
+        raise click.UsageError("wrk is not installed (apt-get install wrk), use --tool builtin")
+    resolved: Tool = "wrk" if tool == "wrk" or (tool == "auto" and wrk_available()) else "builtin"
+    options = Options(
+        targets=chosen,
+        workload=Workload(sources, latency, jitter, failure_rate),
+        levels=levels,
+        duration=duration,
+        requests=requests,
+        reps=reps,
+        warmup=warmup,
+        tool=resolved,
+        threads=threads,
+        timeout=timeout,
+    )
+
+    def progress(line: str) -> None:
+        console.print(f"[dim]{line}[/dim]")
+
+    if check:
+        _check(options, levels, console)
+        return
+    runs = len(chosen) * len(levels) * reps
+    estimate = runs * duration + len(chosen) * warmup
+    console.print(f"{runs} runs, about {estimate / 60:.1f} min of load (plus start-up and drain)")
+    try:
+        result = run_bench(options, progress)
+    except (LoadError, RuntimeError) as exc:
+        console.print(f"[red]bench failed:[/red] {exc}")
+        sys.exit(1)
+    rows = summarize(result)
+    print_table(result, rows, console)
+    if out is not None:
+        command = shlex.join(["aggregator", "bench", *sys.argv[2:]])
+        for path in write_outputs(result, rows, out, command):
+            console.print(f"wrote {path}")
+
+
+def _check(options: Options, levels: tuple[int, ...], console: Console) -> None:
+    """Both generators on the first target; differences over 10% are called out."""
+    if not wrk_available():
+        raise click.UsageError("--check compares wrk with the built-in generator: install wrk")
+    target = options.targets[0]
+    try:
+        pairs = compare_generators(target, options, levels, console.print)
+    except (LoadError, RuntimeError) as exc:
+        console.print(f"[red]check failed:[/red] {exc}")
+        sys.exit(1)
+    table = Table(title=f"wrk vs built-in generator on {target.name}", title_justify="left")
+    for header in ("c", "wrk req/s", "built-in req/s", "ratio", "wrk p50", "built-in p50", "note"):
+        table.add_column(header, justify="right")
+    for level, wrk, builtin in pairs:
+        ratio = builtin.rps / wrk.rps if wrk.rps else float("nan")
+        notes = []
+        if builtin.saturated:
+            notes.append("built-in saturated")
+        if not 0.9 <= ratio <= 1.1:
+            notes.append("differ by more than 10%")
+        table.add_row(
+            str(level),
+            f"{wrk.rps:.1f}",
+            f"{builtin.rps:.1f}",
+            f"{ratio:.2f}",
+            f"{wrk.p50_ms:.1f} ms",
+            f"{builtin.p50_ms:.1f} ms",
+            "; ".join(notes),
+        )
+    console.print(table)

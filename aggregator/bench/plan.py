@@ -1,0 +1,184 @@
+"""What a bench run compares: server configurations ("targets") and the upstream workload.
+
+A target is written `SERVER:VIEW[:ENGINE][+cached]`, e.g. `loop:async:aiohttp`,
+`gunicorn:sync-pool`, `fastapi:async:httpx`, `loop:async:aiohttp+cached`:
+
+- SERVER: `loop`, `threads`, `serial` (our Hypercorn serving modes; `serial` is the stock asgiref
+  recipe), `gunicorn` (a classic WSGI server with threads, for the sync twins) or `fastapi`
+  (the FastAPI + uvicorn reference, async only);
+- VIEW: `async` (the real views), `sync` (sources one after another on a shared `httpx.Client`)
+  or `sync-pool` (the same client from a thread pool);
+- ENGINE: the async views' connection engine, `aiohttp` (default) or `httpx`; the sync twins
+  always use httpx's blocking client, so they take none;
+- `+cached`: the aggregate is cached for an hour, so after the warm-up every request is a hit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal
+
+Server = Literal["loop", "threads", "serial", "gunicorn", "fastapi"]
+View = Literal["async", "sync", "sync-pool"]
+SERVERS: tuple[Server, ...] = ("loop", "threads", "serial", "gunicorn", "fastapi")
+VIEWS: tuple[View, ...] = ("async", "sync", "sync-pool")
+ENGINES = ("aiohttp", "httpx")
+HYPERCORN_SERVERS = frozenset({"loop", "threads", "serial"})
+#: The package an optional server needs, and the extra that brings it.
+_OPTIONAL = {"gunicorn": "gunicorn", "fastapi": "fastapi"}
+
+UNCACHED_PATH = "/bench"
+CACHED_PATH = "/bench-cached"
+QUERY = "city=Paris&user_id=7"
+DEMO_SERVICES = ("weather", "stocks", "news", "profile", "recommendations")
+
+
+class PlanError(ValueError):
+    """A target or workload the bench cannot run; the message says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One server configuration under test."""
+
+    server: Server
+    view: View
+    engine: str | None = None
+    cached: bool = False
+
+    @property
+    def name(self) -> str:
+        """The spelling the user gave (normalized), used in tables, files and charts."""
+        engine = f":{self.engine}" if self.engine else ""
+        return f"{self.server}:{self.view}{engine}{'+cached' if self.cached else ''}"
+
+    @property
+    def path(self) -> str:
+        """The request path (with query) this target is loaded on."""
+        base = CACHED_PATH if self.cached else UNCACHED_PATH
+        prefix = {"async": "", "sync": "/sync", "sync-pool": "/sync-pool"}[self.view]
+        return f"{prefix}{base}?{QUERY}"
+
+    def missing_package(self) -> str | None:
+        """The optional package this target needs and is not installed, if any."""
+        package = _OPTIONAL.get(self.server)
+        if package and importlib.util.find_spec(package) is None:
+            return package
+        return None
+
+
+def parse_target(text: str) -> Target:
+    """Parse `SERVER:VIEW[:ENGINE][+cached]`, refusing combinations that do not exist."""
+    spec = text.strip()
+    cached = spec.endswith("+cached")
+    parts = spec.removesuffix("+cached").split(":")
+    if len(parts) not in (2, 3):
+        raise PlanError(f"target {text!r}: expected SERVER:VIEW[:ENGINE][+cached]")
+    server, view = parts[0], parts[1]
+    engine = parts[2] if len(parts) == 3 else None
+    if server not in SERVERS:
+        raise PlanError(f"target {text!r}: server must be one of {', '.join(SERVERS)}")
+    if view not in VIEWS:
+        raise PlanError(f"target {text!r}: view must be one of {', '.join(VIEWS)}")
+    if view == "async":
+        engine = engine or "aiohttp"
+        if engine not in ENGINES:
+            raise PlanError(f"target {text!r}: engine must be one of {', '.join(ENGINES)}")
+    elif engine is not None:
+        raise PlanError(f"target {text!r}: sync views use httpx's blocking client; drop the engine")
+    if server == "gunicorn" and view == "async":
+        raise PlanError(f"target {text!r}: gunicorn serves the sync twins (sync or sync-pool)")
+    if server == "fastapi" and view != "async":
+        raise PlanError(f"target {text!r}: the FastAPI reference is async only")
+    if cached and (view != "async" or server == "fastapi"):
+        raise PlanError(f"target {text!r}: only our async views are cached")
+    return Target(server, view, engine, cached)
+
+
+#: Everything the issue asks to compare; optional servers are dropped when not installed.
+DEFAULT_TARGETS = (
+    "loop:async:aiohttp",
+    "threads:async:aiohttp",
+    "serial:async:aiohttp",
+    "loop:async:httpx",
+    "loop:sync",
+    "loop:sync-pool",
+    "gunicorn:sync-pool",
+    "fastapi:async:aiohttp",
+    "fastapi:async:httpx",
+    "loop:async:aiohttp+cached",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """The upstreams every target aggregates: K demo sources with the same latency profile."""
+
+    sources: int = 5
+    latency: float = 0.1
+    jitter: float = 0.0
+    failure_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Keep the bench inside what the demo can serve."""
+        if not 1 <= self.sources <= 50:
+            raise PlanError(f"sources must be 1..50, got {self.sources}")
+        if not (0 <= self.latency <= 10 and 0 <= self.jitter <= 10):
+            raise PlanError("latency and jitter must be within 0..10 s")
+        if not 0 <= self.failure_rate <= 1:
+            raise PlanError(f"failure rate must be within 0..1, got {self.failure_rate}")
+
+    @property
+    def floor_s(self) -> float:
+        """Expected slowest of K sources: latency plus the expected max of K uniform jitters."""
+        return self.latency + self.jitter * self.sources / (self.sources + 1)
+
+    def ideal_rps(self, concurrency: int, target: Target) -> float | None:
+        """rps = C / L for a fan-out (C / (K x mean latency) one after another); none for hits."""
+        if target.cached:
+            return None
+        if target.view == "sync":
+            per_request = self.sources * (self.latency + self.jitter / 2)
+        else:
+            per_request = self.floor_s
+        return concurrency / per_request if per_request > 0 else None
+
+    def config_toml(self, demo_url: str) -> str:
+        """The aggregator config: K upstreams on the demo, one uncached and one cached aggregate.
+
+        Each source is validated by its demo model, so every stack does the same pydantic work.
+        """
+        lines: list[str] = []
+        names: list[str] = []
+        for index in range(self.sources):
+            service = DEMO_SERVICES[index % len(DEMO_SERVICES)]
+            name = service if index < len(DEMO_SERVICES) else f"{service}_{index}"
+            names.append(name)
+            path = {
+                "weather": "/weather/{city}",
+                "stocks": "/stocks/{user_id}",
+                "news": "/news",
+                "profile": "/profile/{user_id}",
+                "recommendations": "/recommendations/{user_id}",
+            }[service]
+            model = service.capitalize()
+            lines += [
+                f"[upstreams.{name}]",
+                f'url = "{demo_url}{path}"',
+                "timeout = 30",
+                f'schema = "aggregator.demo.models:{model}"',
+                "",
+            ]
+        sources = ", ".join(f'"{n}"' for n in names)
+        for agg, path, ttl in (("bench", UNCACHED_PATH, 0), ("bench_cached", CACHED_PATH, 3600)):
+            lines += [
+                f"[aggregates.{agg}]",
+                f'path = "{path}"',
+                f"sources = [{sources}]",
+                "deadline = 60",
+                f"cache_ttl = {ttl}",
+                'params = { city = "str", user_id = "int" }',
+                "",
+            ]
+        return "\n".join(lines)

@@ -1,0 +1,395 @@
+"""`aggregator bench`: targets, workload, generators, figures, flags, outputs, and real runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aggregator import cli
+from aggregator.bench import plan
+from aggregator.bench.load import run_load
+from aggregator.bench.loadgen import NotLoopbackError, check_loopback, generate, percentile
+from aggregator.bench.plan import PlanError, Target, Workload, parse_target
+from aggregator.bench.report import OUTPUT_FILES, goals, summarize
+from aggregator.bench.runner import BenchResult, Options, Run
+from aggregator.config import parse_config
+from aggregator.demo.process import DemoProcess, free_port
+
+needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+
+
+# -- targets and workload ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("loop:async", Target("loop", "async", "aiohttp")),
+        ("threads:async:httpx", Target("threads", "async", "httpx")),
+        ("serial:async:aiohttp", Target("serial", "async", "aiohttp")),
+        ("loop:sync", Target("loop", "sync")),
+        ("gunicorn:sync-pool", Target("gunicorn", "sync-pool")),
+        ("fastapi:async:httpx", Target("fastapi", "async", "httpx")),
+        (" loop:async:aiohttp+cached ", Target("loop", "async", "aiohttp", cached=True)),
+    ],
+)
+def test_targets_parse_and_name_themselves(spec, expected):
+    target = parse_target(spec)
+    assert target == expected
+    assert parse_target(target.name) == target
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ("loop", "expected SERVER:VIEW"),
+        ("nginx:async", "server must be one of"),
+        ("loop:blocking", "view must be one of"),
+        ("loop:async:curl", "engine must be one of"),
+        ("loop:sync:aiohttp", "drop the engine"),
+        ("gunicorn:async", "gunicorn serves the sync twins"),
+        ("fastapi:sync", "async only"),
+        ("loop:sync-pool+cached", "only our async views are cached"),
+        ("fastapi:async+cached", "only our async views are cached"),
+    ],
+)
+def test_impossible_targets_are_refused_with_the_reason(spec, reason):
+    with pytest.raises(PlanError, match=reason):
+        parse_target(spec)
+
+
+def test_target_paths_pick_the_view_and_the_cached_aggregate():
+    assert parse_target("loop:async").path.startswith("/bench?")
+    assert parse_target("loop:sync").path.startswith("/sync/bench?")
+    assert parse_target("gunicorn:sync-pool").path.startswith("/sync-pool/bench?")
+    assert parse_target("loop:async+cached").path.startswith("/bench-cached?")
+
+
+def test_workload_config_is_valid_and_has_k_distinct_validated_sources():
+    config = parse_config(Workload(sources=7).config_toml("http://127.0.0.1:9"), "bench.toml")
+    assert len(config.upstreams) == 7
+    assert all(u.schema_ for u in config.upstreams.values())
+    bench, cached = config.aggregates["bench"], config.aggregates["bench_cached"]
+    assert len(bench.sources) == 7 and bench.cache_ttl == 0
+    assert cached.cache_ttl == 3600 and cached.path == plan.CACHED_PATH
+
+
+def test_ideal_is_c_over_the_slowest_source_or_the_sum_one_after_another():
+    work = Workload(sources=5, latency=0.1)
+    assert work.ideal_rps(64, parse_target("loop:async")) == pytest.approx(640)
+    assert work.ideal_rps(64, parse_target("loop:sync")) == pytest.approx(128)
+    assert work.ideal_rps(64, parse_target("loop:async+cached")) is None
+    # The expected max of 5 uniform jitters in [0, 0.06] is 0.05.
+    assert Workload(sources=5, latency=0.1, jitter=0.06).floor_s == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"sources": 0}, {"sources": 51}, {"latency": -1}, {"failure_rate": 1.5}]
+)
+def test_workload_limits(kwargs):
+    with pytest.raises(PlanError):
+        Workload(**kwargs)
+
+
+# -- the load generators -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:1/", "http://[::1]:1/", "http://localhost:1/", "http://127.9.9.9/"]
+)
+def test_loopback_urls_are_accepted(url):
+    check_loopback(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://10.0.0.1/", "http://example.com/", "http://0.0.0.0:80/", "http://[::]/"]
+)
+def test_load_never_leaves_the_machine(url):
+    with pytest.raises(NotLoopbackError):
+        check_loopback(url)
+    with pytest.raises(NotLoopbackError):
+        run_load("builtin", url, 1, 0.1)
+
+
+def test_loadgen_cli_refuses_a_remote_url():
+    proc = subprocess.run(
+        [sys.executable, "-m", "aggregator.bench.loadgen", "http://192.0.2.1/", "-d", "0.1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "loopback only" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_percentiles_are_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile([7.0], 99) == 7
+    assert math.isnan(percentile([], 50))
+
+
+async def test_builtin_generator_counts_answers_statuses_and_stops_at_the_request_budget(
+    demo: DemoProcess,
+) -> None:
+    ok = await generate(f"{demo.url}/profile/7?delay=0", 4, 10.0, 40, 5.0)
+    assert (ok.requests, ok.ok, ok.errors) == (40, 40, 0)
+    assert ok.statuses == {"200": 40}
+    assert ok.duration_s < 10 and ok.p50_ms <= ok.p95_ms <= ok.p99_ms
+    failing = await generate(f"{demo.url}/profile/7?delay=0&status=503", 2, 10.0, 10, 5.0)
+    assert failing.status_errors == 10 and failing.statuses == {"503": 10}
+
+
+async def test_builtin_generator_counts_refused_connections_and_timeouts(demo: DemoProcess) -> None:
+    refused = await generate(f"http://127.0.0.1:{free_port()}/", 2, 0.3, 6, 1.0)
+    assert refused.socket_errors == 6 and refused.requests == 0
+    slow = await generate(f"{demo.url}/profile/7?delay=2", 2, 5.0, 2, 0.3)
+    assert slow.timeouts == 2 and slow.requests == 0
+
+
+def test_builtin_generator_in_its_own_process_reports_its_cpu(demo: DemoProcess) -> None:
+    result = run_load("builtin", f"{demo.url}/profile/7?delay=0", 4, 0.5)
+    assert result.tool == "builtin" and result.requests > 10 and result.errors == 0
+    assert 0 < result.generator_cpu_s < 2  # its own, during the load; start-up excluded
+
+
+@needs_wrk
+def test_wrk_results_are_parsed_into_the_same_shape(demo: DemoProcess) -> None:
+    result = run_load("wrk", f"{demo.url}/profile/7?delay=0.01", 4, 1.0)
+    assert result.tool == "wrk" and result.requests > 20 and result.errors == 0
+    assert 10 <= result.p50_ms <= result.p99_ms < 1000
+    assert result.generator_cpu_s > 0
+    failing = run_load("wrk", f"{demo.url}/profile/7?delay=0&status=502", 2, 1.0)
+    assert failing.status_errors == failing.requests > 20
+
+
+def test_a_request_budget_is_kept_by_the_builtin_generator_even_when_wrk_is_chosen(demo):
+    # wrk cannot stop at a count without misreporting its rate.
+    result = run_load("wrk", f"{demo.url}/profile/7?delay=0", 2, 30.0, requests=25)
+    assert (result.tool, result.requests) == ("builtin", 25)
+    assert result.duration_s < 30
+
+
+# -- figures and flags ---------------------------------------------------------------------
+
+
+def _run(target: str, c: int, rep: int, rps: float, **overrides: object) -> Run:
+    values: dict[str, object] = {
+        "target": target,
+        "concurrency": c,
+        "rep": rep,
+        "tool": "wrk",
+        "rps": rps,
+        "p50_ms": 100.0 + rep,
+        "p95_ms": 120.0,
+        "p99_ms": 150.0,
+        "requests": int(rps * 10),
+        "errors": 0,
+        "incomplete": 0,
+        "partial": 0,
+        "server_cpu_s": 5.0,
+        "generator_cpu_s": 1.0,
+        "generator_saturated": False,
+        "peak_rss_mb": 100.0 + rep,
+        "upstream_calls": int(rps * 10) * 5,
+        "drained": True,
+    }
+    values.update(overrides)
+    return Run(**values)  # type: ignore[arg-type]
+
+
+def _result(runs: list[Run], targets: tuple[str, ...], levels: tuple[int, ...]) -> BenchResult:
+    options = Options(
+        targets=tuple(parse_target(t) for t in targets), workload=Workload(), levels=levels
+    )
+    return BenchResult(options, {"cores": 2}, runs)
+
+
+def test_rows_hold_median_and_min_max_over_reps_and_the_ideal():
+    runs = [
+        _run("loop:async:aiohttp", 64, rep, rps)
+        for rep, rps in ((1, 200.0), (2, 180.0), (3, 240.0))
+    ]
+    (row,) = summarize(_result(runs, ("loop:async:aiohttp",), (64,)))
+    assert (row.rps, row.rps_min, row.rps_max) == (200.0, 180.0, 240.0)
+    assert row.p50_ms == 102.0 and row.peak_rss_mb == 103.0
+    assert row.ideal_rps == pytest.approx(640) and row.of_ideal == pytest.approx(200 / 640)
+    assert row.cpu_ms_per_request == pytest.approx(5000 / 2000)
+    assert row.flags == []
+
+
+def test_rows_flag_errors_a_busy_generator_and_a_backlog():
+    runs = [
+        _run("loop:async:aiohttp", 16, 1, 100.0, errors=30, incomplete=10),
+        _run("loop:async:aiohttp", 64, 1, 100.0, generator_cpu_s=9.0),
+        _run("loop:async:aiohttp", 256, 1, 100.0, generator_saturated=True, drained=False),
+    ]
+    rows = summarize(_result(runs, ("loop:async:aiohttp",), (16, 64, 256)))
+    assert rows[0].error_rate == pytest.approx(30 / 1010)
+    assert rows[0].flags == ["errors 3.0%"]
+    assert rows[1].flags == ["generator CPU > server CPU"]
+    assert rows[2].flags == ["generator saturated", "server backlog after run"]
+
+
+def test_one_percent_of_errors_is_not_flagged():
+    runs = [_run("loop:async:aiohttp", 16, 1, 100.0, errors=10)]
+    (row,) = summarize(_result(runs, ("loop:async:aiohttp",), (16,)))
+    assert row.error_rate == pytest.approx(0.01) and row.flags == []
+
+
+def test_goals_compare_with_fastapi_and_check_latency_floor_and_collapse():
+    runs = [
+        _run("loop:async:aiohttp", 1, 1, 9.5, p50_ms=104.0),
+        _run("loop:async:aiohttp", 64, 1, 200.0),
+        _run("loop:async:aiohttp", 256, 1, 190.0),
+        _run("fastapi:async:aiohttp", 64, 1, 210.0),
+    ]
+    result = _result(runs, ("loop:async:aiohttp", "fastapi:async:aiohttp"), (1, 64, 256))
+    lines = goals(result, summarize(result))
+    assert "loop:async:aiohttp vs fastapi:async:aiohttp at c=64: 0.95x" in lines[0]
+    assert any("p50 at c=1: 104.0 ms, +4.0 ms over the slowest source" in ln for ln in lines)
+    assert any("loop:async:aiohttp c=256 vs c=64: 95%" in ln for ln in lines)
+
+
+def test_upstream_calls_count_the_requests_left_in_flight():
+    run = _run("loop:async:aiohttp", 4, 1, 10.0, requests=96, upstream_calls=500)
+    assert run.upstream_calls_per_request == pytest.approx(5.0)
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-t", "loop:blocking"], "view must be one of"),
+        (["-c", "1,x"], "expected comma-separated integers"),
+        (["-c", "0"], "each level must be within 1..4096"),
+        (["--duration", "0"], "Invalid value for '--duration'"),
+        (["--failure-rate", "2"], "Invalid value for '--failure-rate'"),
+    ],
+)
+def test_bad_flags_exit_2_before_anything_starts(runner, monkeypatch, args, message):
+    def fail(*_: object, **__: object) -> None:
+        raise AssertionError("nothing may start on bad flags")
+
+    monkeypatch.setattr("aggregator.bench.command.run_bench", fail)
+    result = runner.invoke(cli.main, ["bench", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_an_explicit_target_whose_server_is_missing_names_the_extra(runner, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "fastapi" else real(name, *a),
+    )
+    result = runner.invoke(cli.main, ["bench", "-t", "fastapi:async"])
+    assert result.exit_code == 2
+    assert "pip install 'aggregator[bench]'" in result.output
+
+
+def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aggregator.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.integration
+def test_a_short_bench_writes_every_output_and_shows_sum_versus_max(tmp_path):
+    targets = "loop:async:aiohttp,loop:sync,fastapi:async:aiohttp,gunicorn:sync-pool"
+    out = tmp_path / "out"
+    proc = _bench(
+        tmp_path,
+        *("-t", targets, "-t", "loop:async:aiohttp+cached", "-c", "1,4", "-d", "1", "-r", "2"),
+        *("--warmup", "0.5", "-k", "3", "--latency", "0.05", "--tool", "builtin"),
+        *("--out", str(out)),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in OUTPUT_FILES:
+        assert (out / name).stat().st_size > 0, name
+    for chart in ("throughput.png", "p99.png"):
+        assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "results.json").read_text())
+    names = data["options"]["targets"]
+    assert len(names) == 5 and len(data["runs"]) == 5 * 2 * 2
+    # Interleaved: the second repetition starts with the second target.
+    assert [r["target"] for r in data["runs"] if r["rep"] == 2][0] == names[1]
+    assert data["machine"]["cores"] >= 1 and "hypercorn" in data["machine"]["versions"]
+    rows = {(r["target"], r["concurrency"]): r for r in data["summary"]}
+    assert all(r["errors"] == 0 for r in rows.values()), rows
+    fan_out, in_turn = rows[("loop:async:aiohttp", 1)], rows[("loop:sync", 1)]
+    assert fan_out["p50_ms"] < 2 * 50  # about the slowest source
+    assert in_turn["p50_ms"] > 2 * fan_out["p50_ms"]  # about the sum of three
+    assert 2.5 < fan_out["upstream_calls_per_request"] < 3.5
+    assert rows[("loop:async:aiohttp+cached", 4)]["upstream_calls_per_request"] == 0
+    assert rows[("loop:async:aiohttp+cached", 4)]["rps_median"] > fan_out["rps_median"]
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 5 * 2
+    report = (out / "report.md").read_text()
+    assert "Machine: " in report and "Theoretical ideal" in report and "![throughput]" in report
+    assert all(f"| {name} | 4 |" in report for name in names)
+    assert "loop:async:aiohttp vs fastapi:async:aiohttp at c=4" in proc.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("tool", ["builtin", pytest.param("wrk", marks=needs_wrk)])
+def test_failing_upstreams_show_as_partial_answers_not_server_errors(tmp_path, tool):
+    out = tmp_path / "out"
+    proc = _bench(
+        tmp_path,
+        *("-t", "loop:async", "-c", "2", "-d", "1", "-r", "1", "--warmup", "0", "-k", "2"),
+        *("--latency", "0.01", "--failure-rate", "1", "--tool", tool, "--out", str(out)),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads((out / "results.json").read_text())["summary"]
+    assert row["errors"] == 0 and row["partial_rate"] == 1.0 and row["flags"] == ""
+
+
+@pytest.mark.integration
+def test_a_server_that_cannot_keep_up_is_flagged(tmp_path):
+    # serial mode answers one request at a time (~0.2 s each): 6 clients wait ~1.2 s, past the
+    # 0.5 s client timeout, so most requests fail and the row must say so.
+    out = tmp_path / "out"
+    proc = _bench(
+        tmp_path,
+        *("-t", "serial:async", "-c", "6", "-d", "2", "-r", "1", "--warmup", "0", "-k", "2"),
+        *("--latency", "0.2", "--timeout", "0.5", "--tool", "builtin", "--out", str(out)),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads((out / "results.json").read_text())["summary"]
+    assert row["errors"] > 0 and row["error_rate"] > 0.01
+    assert row["flags"].startswith("errors ")
+    report = (out / "report.md").read_text()
+    assert "- serial:async:aiohttp c=6: errors" in report
+
+
+@needs_wrk
+@pytest.mark.integration
+def test_check_compares_wrk_with_the_builtin_generator(tmp_path):
+    proc = _bench(
+        tmp_path, "--check", "-t", "loop:async", "-c", "4", "-d", "1", "--latency", "0.02"
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "wrk vs built-in generator on loop:async:aiohttp" in proc.stdout
+    found = re.search(r"c=4: wrk ([\d.]+) req/s, built-in ([\d.]+) req/s", proc.stdout)
+    assert found, proc.stdout
+    wrk_rps, builtin_rps = float(found[1]), float(found[2])
+    # 4 clients on 20 ms sources: both near 4 / 0.02 = 200 req/s, and near each other.
+    assert wrk_rps > 50 and 0.5 < builtin_rps / wrk_rps < 2
