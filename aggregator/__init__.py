@@ -10,7 +10,7 @@ from aggregator.adapter import AggregatorFlask, ASGIAdapter
 from aggregator.config import AppConfig, load_config
 from aggregator.errors import ConfigError
 from aggregator.settings import Settings
-from aggregator.views import admin, aggregates, errors, health, sync
+from aggregator.views import admin, aggregates, docs, errors, health, sync
 
 
 def create_app(
@@ -28,6 +28,7 @@ def create_app(
     app.register_blueprint(admin.bp)
     aggregates.register(app, settings, config)
     sync.register(app, settings, config)
+    docs.register(app, config)
     return app
 
 

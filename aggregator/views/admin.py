@@ -3,20 +3,23 @@
 `POST /admin/purge` takes `{"aggregate": NAME}`, `{"aggregate": NAME, "params": {...}}` or
 `{"upstream": NAME}` (aggregate and upstream may be combined). Parameters are typed, validated
 and defaulted exactly as a live request's query string, so `{"user_id": "07"}` purges the entry
-that `?user_id=7` filled. The token (AGGREGATOR_ADMIN_TOKEN) never appears in a log line or a
-response. `check_target` is shared with `aggregator cache purge`.
+that `?user_id=7` filled; a value is its query-string text or the JSON scalar of its declared
+type (`7.0` is the integer 7 to JSON), anything else is a 400, as `/openapi.json` documents.
+The token (AGGREGATOR_ADMIN_TOKEN) never appears in a log line or a response. `check_target` is
+shared with `aggregator cache purge`.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from aggregator.cache import AggregateCache, CacheUnavailableError, purge
-from aggregator.config import AppConfig
+from aggregator.config import AggregateConfig, AppConfig, ParamType, ParamValue
 from aggregator.errors import InvalidRequestError, UnknownTargetError
 from aggregator.settings import Settings
 from aggregator.views.errors import error_response
@@ -51,10 +54,7 @@ async def purge_cache() -> Response:
     check_target(config, aggregate, upstream)
     params = None
     if aggregate is not None and raw_params is not None:
-        try:
-            params = config.aggregates[aggregate].typed_params(raw_params)
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(f"params.{exc.field}", exc.reason) from None
+        params = _typed_params(config.aggregates[aggregate], raw_params)
     try:
         purged = await purge(service, aggregate=aggregate, params=params, upstream=upstream)
     except CacheUnavailableError as exc:
@@ -97,10 +97,7 @@ async def warm_entry() -> Response:
     only_missing = body.get("only_missing", False)
     if not isinstance(only_missing, bool):
         raise InvalidRequestError("only_missing", "must be true or false")
-    try:
-        params = config.aggregates[aggregate].typed_params(raw)
-    except InvalidRequestError as exc:
-        raise InvalidRequestError(f"params.{exc.field}", exc.reason) from None
+    params = _typed_params(config.aggregates[aggregate], raw)
     cache_info = {"type": settings.cache_type, "shared": service.store.shared}
     if not service.store.shared:
         response = error_response(
@@ -119,6 +116,43 @@ async def warm_entry() -> Response:
         detail=result.detail,
         cache=cache_info,
     )
+
+
+#: JSON types a body may use per parameter type, besides the query-string text (a string).
+_JSON_TYPES: dict[ParamType, tuple[type, ...]] = {
+    "str": (),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+}
+_EXPECTED: dict[ParamType, str] = {
+    "str": "must be a string",
+    "int": "must be an integer",
+    "float": "must be a number",
+    "bool": "must be a boolean (true/false, 1/0, yes/no, on/off)",
+}
+
+
+def _typed_params(agg: AggregateConfig, raw: Mapping[str, object]) -> dict[str, ParamValue]:
+    """Body parameters typed like a query string; errors name `params.<name>`."""
+    values: dict[str, object] = {}
+    for name, value in raw.items():
+        spec = agg.params.get(name)
+        # Other shapes (null, lists, objects) and unknown names: typed_params names them.
+        if spec is not None and isinstance(value, str | int | float):
+            allowed = _JSON_TYPES[spec.type]
+            if isinstance(value, float) and int in allowed and value.is_integer():
+                value = int(value)  # JSON has one number type: 7.0 is the integer 7
+            ok = isinstance(value, (str, *allowed)) and (
+                spec.type == "bool" or not isinstance(value, bool)
+            )
+            if not ok:
+                raise InvalidRequestError(f"params.{name}", _EXPECTED[spec.type])
+        values[name] = value
+    try:
+        return agg.typed_params(values)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"params.{exc.field}", exc.reason) from None
 
 
 def _check_token() -> Response | None:
