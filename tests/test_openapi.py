@@ -239,7 +239,10 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(
         "--report-dir",
         str(tmp_path),
     ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=280, check=False)
+    # In tmp_path: schemathesis keeps its example database in ./.schemathesis
+    run = subprocess.run(
+        command, capture_output=True, text=True, timeout=280, check=False, cwd=tmp_path
+    )
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-6000:]
     assert "No issues found" in output, output[-3000:]
