@@ -1,9 +1,10 @@
-"""The `aggregator` command: serve, demo, check-config, cache purge, warm, bench (its own module)."""
+"""The `aggregator` command: serve, demo, check-config, cache purge, warm, bench (own module)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -130,6 +131,8 @@ def run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
     if not hypercorn_config.is_file():
         config.bind = ["127.0.0.1:8000"]
         config.accesslog = "-"
+        if importlib.util.find_spec("uvloop") is not None:
+            config.worker_class = "uvloop"  # as hypercorn.toml ships (docs/benchmarks.md)
     for flag, attribute in _HYPERCORN_FLAGS.items():
         if overrides.get(flag) is not None:
             setattr(config, attribute, overrides[flag])

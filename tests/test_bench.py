@@ -20,6 +20,7 @@ from aggregator.bench.loadgen import NotLoopbackError, check_loopback, generate,
 from aggregator.bench.plan import PlanError, Target, Workload, parse_target
 from aggregator.bench.report import OUTPUT_FILES, goals, summarize
 from aggregator.bench.runner import BenchResult, Options, Run
+from aggregator.bench.servers import passed_settings, server_command, server_env
 from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess, free_port
 
@@ -39,6 +40,12 @@ needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not i
         ("gunicorn:sync-pool", Target("gunicorn", "sync-pool")),
         ("fastapi:async:httpx", Target("fastapi", "async", "httpx")),
         (" loop:async:aiohttp+cached ", Target("loop", "async", "aiohttp", cached=True)),
+        ("loop:async+uvloop", Target("loop", "async", "aiohttp", event_loop="uvloop")),
+        ("fastapi:async+asyncio", Target("fastapi", "async", "aiohttp", event_loop="asyncio")),
+        (
+            "threads:async:httpx+asyncio+cached",
+            Target("threads", "async", "httpx", cached=True, event_loop="asyncio"),
+        ),
     ],
 )
 def test_targets_parse_and_name_themselves(spec, expected):
@@ -59,11 +66,35 @@ def test_targets_parse_and_name_themselves(spec, expected):
         ("fastapi:sync", "async only"),
         ("loop:sync-pool+cached", "only our async views are cached"),
         ("fastapi:async+cached", "only our async views are cached"),
+        ("loop:async+fast", "flags are +cached, +asyncio or +uvloop"),
+        ("loop:async+cached+cached", "once each"),
+        ("loop:async+uvloop+asyncio", "one event loop at most"),
+        ("gunicorn:sync+uvloop", "no event loop to choose"),
     ],
 )
 def test_impossible_targets_are_refused_with_the_reason(spec, reason):
-    with pytest.raises(PlanError, match=reason):
+    with pytest.raises(PlanError, match=re.escape(reason)):
         parse_target(spec)
+
+
+def test_event_loop_flags_reach_the_server_command():
+    hyper = server_command(parse_target("loop:async+asyncio"), 9000, 8)
+    assert "--worker-class=asyncio" in hyper and "aggregator.cli:worker_app()" in hyper
+    default = server_command(parse_target("loop:async"), 9000, 8)
+    assert "--worker-class=uvloop" in default  # as hypercorn.toml ships (uvloop installed)
+    uvicorn = server_command(parse_target("fastapi:async+asyncio"), 9000, 8)
+    assert "--loop=asyncio" in uvicorn and "--no-access-log" in uvicorn
+    assert "--threads=8" in server_command(parse_target("gunicorn:sync-pool"), 9000, 8)
+
+
+def test_servers_get_the_bench_settings_and_inherit_the_callers_others(monkeypatch, tmp_path):
+    monkeypatch.setenv("AGGREGATOR_POOL_MAX_CONNECTIONS", "4096")
+    monkeypatch.setenv("AGGREGATOR_MODE", "serial")  # the target decides this one
+    monkeypatch.setenv("AGGREGATOR_ADMIN_TOKEN", "secret")
+    env = server_env(parse_target("threads:async:httpx"), tmp_path / "b.toml", 16)
+    assert env["AGGREGATOR_MODE"] == "threads" and env["AGGREGATOR_ENGINE"] == "httpx"
+    assert env["AGGREGATOR_THREADS"] == "16" and env["AGGREGATOR_POOL_MAX_CONNECTIONS"] == "4096"
+    assert passed_settings() == {"AGGREGATOR_POOL_MAX_CONNECTIONS": "4096"}  # no secrets
 
 
 def test_target_paths_pick_the_view_and_the_cached_aggregate():
@@ -256,7 +287,7 @@ def test_goals_compare_with_fastapi_and_check_latency_floor_and_collapse():
     ]
     result = _result(runs, ("loop:async:aiohttp", "fastapi:async:aiohttp"), (1, 64, 256))
     lines = goals(result, summarize(result))
-    assert "loop:async:aiohttp vs fastapi:async:aiohttp at c=64: 0.95x" in lines[0]
+    assert lines[0].startswith("loop:async:aiohttp vs fastapi:async:aiohttp at c=64: 0.95x")
     assert any("p50 at c=1: 104.0 ms, +4.0 ms over the slowest source" in ln for ln in lines)
     assert any("loop:async:aiohttp c=256 vs c=64: 95%" in ln for ln in lines)
 

@@ -2,8 +2,9 @@
 
 `uvicorn aggregator.bench.fastapi_app:app` serves every configured aggregate (AGGREGATOR_CONFIG)
 the idiomatic FastAPI way: one shared `httpx.AsyncClient` opened in the lifespan, an `async def`
-endpoint per aggregate. The fan-out, validation and merge are aggregator's own (`fan_out`,
-`merge`), on a client built with the same settings (engine, pool, timeouts), so the comparison
+endpoint per aggregate. The fan-out, validation, resilience and merge are aggregator's own
+(`fan_out` with the same per-upstream guards, `merge`), on a client built with the same settings
+(engine, pool, timeouts), so the comparison
 isolates the framework and server: Flask + our adapter + Hypercorn vs FastAPI + uvicorn. It has
 no cache (the bench compares uncached fan-outs with it). Needs the `bench` extra.
 """
@@ -23,6 +24,7 @@ from aggregator.engines import build_client
 from aggregator.errors import InvalidRequestError
 from aggregator.fanout import fan_out
 from aggregator.merge import merge, server_timing
+from aggregator.resilience import Guards
 from aggregator.settings import Settings
 
 
@@ -30,6 +32,7 @@ def create_reference_app(settings: Settings | None = None) -> FastAPI:
     """One route per aggregate, plus /healthz for the bench's readiness probe."""
     settings = settings or Settings()
     config = load_config(settings.config)
+    guards = Guards(config.upstreams)  # the same retries, breakers and bulkheads as ours
     clients: list[httpx.AsyncClient] = []
 
     @asynccontextmanager
@@ -47,13 +50,17 @@ def create_reference_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     for name, aggregate in config.aggregates.items():
-        endpoint = _endpoint(name, config, settings, clients)
+        endpoint = _endpoint(name, config, settings, clients, guards)
         app.add_api_route(aggregate.path, endpoint, methods=["GET"])
     return app
 
 
 def _endpoint(
-    name: str, config: AppConfig, settings: Settings, clients: list[httpx.AsyncClient]
+    name: str,
+    config: AppConfig,
+    settings: Settings,
+    clients: list[httpx.AsyncClient],
+    guards: Guards,
 ) -> Callable[[Request], Awaitable[Response]]:
     aggregate = config.aggregates[name]
 
@@ -64,7 +71,12 @@ def _endpoint(
         except InvalidRequestError as exc:
             return JSONResponse({"error": "Bad Request", "message": str(exc)}, status_code=400)
         results = await fan_out(
-            clients[0], config, aggregate, params, max_body=settings.max_upstream_body
+            clients[0],
+            config,
+            aggregate,
+            params,
+            max_body=settings.max_upstream_body,
+            guards=guards,
         )
         envelope, status = merge(results, aggregate.required)
         return Response(

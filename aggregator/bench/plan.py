@@ -1,7 +1,7 @@
 """What a bench run compares: server configurations ("targets") and the upstream workload.
 
-A target is written `SERVER:VIEW[:ENGINE][+cached]`, e.g. `loop:async:aiohttp`,
-`gunicorn:sync-pool`, `fastapi:async:httpx`, `loop:async:aiohttp+cached`:
+A target is written `SERVER:VIEW[:ENGINE][+FLAG...]`, e.g. `loop:async:aiohttp`,
+`gunicorn:sync-pool`, `fastapi:async:httpx`, `loop:async:aiohttp+cached+asyncio`:
 
 - SERVER: `loop`, `threads`, `serial` (our Hypercorn serving modes; `serial` is the stock asgiref
   recipe), `gunicorn` (a classic WSGI server with threads, for the sync twins) or `fastapi`
@@ -10,7 +10,9 @@ A target is written `SERVER:VIEW[:ENGINE][+cached]`, e.g. `loop:async:aiohttp`,
   or `sync-pool` (the same client from a thread pool);
 - ENGINE: the async views' connection engine, `aiohttp` (default) or `httpx`; the sync twins
   always use httpx's blocking client, so they take none;
-- `+cached`: the aggregate is cached for an hour, so after the warm-up every request is a hit.
+- `+cached`: the aggregate is cached for an hour, so after the warm-up every request is a hit;
+- `+asyncio` / `+uvloop`: the event loop of an async server (Hypercorn's worker class, uvicorn's
+  `--loop`); without it each server runs on its own default (uvloop when installed).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ View = Literal["async", "sync", "sync-pool"]
 SERVERS: tuple[Server, ...] = ("loop", "threads", "serial", "gunicorn", "fastapi")
 VIEWS: tuple[View, ...] = ("async", "sync", "sync-pool")
 ENGINES = ("aiohttp", "httpx")
+EVENT_LOOPS = ("asyncio", "uvloop")
 HYPERCORN_SERVERS = frozenset({"loop", "threads", "serial"})
 #: The package an optional server needs, and the extra that brings it.
-_OPTIONAL = {"gunicorn": "gunicorn", "fastapi": "fastapi"}
+_OPTIONAL = {"gunicorn": "gunicorn", "fastapi": "fastapi", "uvloop": "uvloop"}
 
 UNCACHED_PATH = "/bench"
 CACHED_PATH = "/bench-cached"
@@ -46,12 +49,16 @@ class Target:
     view: View
     engine: str | None = None
     cached: bool = False
+    event_loop: str | None = None
 
     @property
     def name(self) -> str:
         """The spelling the user gave (normalized), used in tables, files and charts."""
         engine = f":{self.engine}" if self.engine else ""
-        return f"{self.server}:{self.view}{engine}{'+cached' if self.cached else ''}"
+        flags = ("+cached" if self.cached else "") + (
+            f"+{self.event_loop}" if self.event_loop else ""
+        )
+        return f"{self.server}:{self.view}{engine}{flags}"
 
     @property
     def path(self) -> str:
@@ -62,19 +69,27 @@ class Target:
 
     def missing_package(self) -> str | None:
         """The optional package this target needs and is not installed, if any."""
-        package = _OPTIONAL.get(self.server)
-        if package and importlib.util.find_spec(package) is None:
-            return package
+        for need in (self.server, self.event_loop):
+            package = _OPTIONAL.get(need or "")
+            if package and importlib.util.find_spec(package) is None:
+                return package
         return None
 
 
 def parse_target(text: str) -> Target:
-    """Parse `SERVER:VIEW[:ENGINE][+cached]`, refusing combinations that do not exist."""
-    spec = text.strip()
-    cached = spec.endswith("+cached")
-    parts = spec.removesuffix("+cached").split(":")
+    """Parse `SERVER:VIEW[:ENGINE][+FLAG...]`, refusing combinations that do not exist."""
+    base, *flags = text.strip().split("+")
+    unknown = set(flags) - {"cached", *EVENT_LOOPS}
+    if unknown or len(flags) != len(set(flags)):
+        raise PlanError(f"target {text!r}: flags are +cached, +asyncio or +uvloop, once each")
+    cached = "cached" in flags
+    loops = [f for f in flags if f in EVENT_LOOPS]
+    if len(loops) > 1:
+        raise PlanError(f"target {text!r}: one event loop at most")
+    event_loop = loops[0] if loops else None
+    parts = base.split(":")
     if len(parts) not in (2, 3):
-        raise PlanError(f"target {text!r}: expected SERVER:VIEW[:ENGINE][+cached]")
+        raise PlanError(f"target {text!r}: expected SERVER:VIEW[:ENGINE][+FLAG...]")
     server, view = parts[0], parts[1]
     engine = parts[2] if len(parts) == 3 else None
     if server not in SERVERS:
@@ -93,7 +108,9 @@ def parse_target(text: str) -> Target:
         raise PlanError(f"target {text!r}: the FastAPI reference is async only")
     if cached and (view != "async" or server == "fastapi"):
         raise PlanError(f"target {text!r}: only our async views are cached")
-    return Target(server, view, engine, cached)
+    if event_loop and server == "gunicorn":
+        raise PlanError(f"target {text!r}: gunicorn's threads have no event loop to choose")
+    return Target(server, view, engine, cached, event_loop)
 
 
 #: Everything the issue asks to compare; optional servers are dropped when not installed.

@@ -114,15 +114,17 @@ def goals(result: BenchResult, rows: list[Row]) -> list[str]:
     by = {(r.target, r.concurrency): r for r in rows}
     lines: list[str] = []
     floor_ms = result.options.workload.floor_s * 1000
-    for engine in ("aiohttp", "httpx"):
-        ours, ref = f"loop:async:{engine}", f"fastapi:async:{engine}"
-        for level in result.options.levels:
-            a, b = by.get((ours, level)), by.get((ref, level))
-            if a and b and b.rps > 0:
-                lines.append(
-                    f"{ours} vs {ref} at c={level}: {a.rps / b.rps:.2f}x "
-                    f"({a.rps:.1f} vs {b.rps:.1f} req/s)"
-                )
+    targets = result.options.targets
+    for ours in (t for t in targets if t.server == "loop" and t.view == "async" and not t.cached):
+        for ref in (t for t in targets if t.server == "fastapi" and t.engine == ours.engine):
+            for level in result.options.levels:
+                a, b = by.get((ours.name, level)), by.get((ref.name, level))
+                if a and b and b.rps > 0:
+                    lines.append(
+                        f"{ours.name} vs {ref.name} at c={level}: {a.rps / b.rps:.2f}x "
+                        f"({a.rps:.1f} vs {b.rps:.1f} req/s; CPU {a.cpu_ms_per_request:.2f} vs "
+                        f"{b.cpu_ms_per_request:.2f} ms/request)"
+                    )
     for name in dict.fromkeys(r.target for r in rows):
         one = by.get((name, 1))
         if one and not name.endswith("+cached") and not math.isnan(one.p50_ms):
@@ -261,6 +263,9 @@ def _markdown(result: BenchResult, rows: list[Row], command: str, charts: list[P
         "",
         f"Machine: {m['cores']} cores, {m['cpu']}, {m['os']}, Python {m['python']}.",
         f"Versions: {versions}.",
+        "Settings from the environment (every server): "
+        + (", ".join(f"{k}={v}" for k, v in m.get("settings", {}).items()) or "none")
+        + ".",
         "",
         f"Workload: {workload_line(result)}.",
         f"Theoretical ideal: throughput = C / L with L = {w.floor_s * 1000:.0f} ms "

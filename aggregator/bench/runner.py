@@ -25,7 +25,7 @@ from typing import Any
 from aggregator.bench.load import Tool, run_load
 from aggregator.bench.loadgen import LoadResult
 from aggregator.bench.plan import Target, Workload
-from aggregator.bench.servers import PeakRss, ServerProcess
+from aggregator.bench.servers import PeakRss, ServerProcess, passed_settings
 from aggregator.demo.process import DemoProcess, start_demo_process
 
 Progress = Callable[[str], None]
@@ -153,6 +153,7 @@ def machine_info(tool: Tool) -> dict[str, Any]:
         "python": platform.python_version(),
         "load_generator": tool,
         "versions": versions,
+        "settings": passed_settings(),
     }
 
 

@@ -9,6 +9,7 @@ worker); RSS is sampled every 50 ms during a run and the peak kept.
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import os
 import subprocess
 import sys
@@ -24,6 +25,11 @@ from aggregator.demo.process import free_port
 
 BACKLOG = "2048"
 KEEP_ALIVE = "5"
+
+
+def default_worker_class() -> str:
+    """What `aggregator serve` runs on when hypercorn.toml does not say: uvloop if installed."""
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 
 def server_command(target: Target, port: int, threads: int) -> list[str]:
@@ -51,6 +57,7 @@ def server_command(target: Target, port: int, threads: int) -> list[str]:
             f"--timeout-keep-alive={KEEP_ALIVE}",
             "--no-access-log",
             "--log-level=warning",
+            f"--loop={target.event_loop or 'auto'}",
         ]
     return py + [
         "hypercorn",
@@ -58,13 +65,31 @@ def server_command(target: Target, port: int, threads: int) -> list[str]:
         "--workers=1",
         f"--backlog={BACKLOG}",
         f"--keep-alive={KEEP_ALIVE}",
+        f"--worker-class={target.event_loop or default_worker_class()}",
         "aggregator.cli:worker_app()",
     ]
 
 
+#: Settings the bench decides for every target; other AGGREGATOR_* variables in the caller's
+#: environment (pool sizes, timeouts, ...) reach every server alike and go into the report.
+CONTROLLED = frozenset(
+    "AGGREGATOR_" + name
+    for name in ("CONFIG", "MODE", "ENGINE", "CACHE_TYPE", "WORKERS", "THREADS", "LOG_LEVEL")
+)
+
+
+def passed_settings() -> dict[str, str]:
+    """The caller's AGGREGATOR_* settings that every server under test inherits."""
+    return {
+        k: v
+        for k, v in sorted(os.environ.items())
+        if k.startswith("AGGREGATOR_") and k not in CONTROLLED and "TOKEN" not in k
+    }
+
+
 def server_env(target: Target, config: Path, threads: int) -> dict[str, str]:
-    """The AGGREGATOR_* settings for `target`; each server gets its own cache key prefix."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGGREGATOR_")}
+    """The AGGREGATOR_* settings for `target`: the bench's own, then the caller's others."""
+    env = {k: v for k, v in os.environ.items() if k not in CONTROLLED}
     env.update(
         AGGREGATOR_CONFIG=str(config),
         AGGREGATOR_MODE=target.server if target.server in ("loop", "threads", "serial") else "loop",
