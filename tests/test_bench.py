@@ -272,6 +272,17 @@ def test_rows_flag_errors_a_busy_generator_and_a_backlog():
     assert rows[2].flags == ["generator saturated", "server backlog after run"]
 
 
+def test_latencies_near_the_run_length_are_flagged_as_censored():
+    # Options() runs 5 s: a p99 of 4.5 s means many requests never finished in the run.
+    runs = [
+        _run("serial:async:aiohttp", 64, 1, 9.0, p99_ms=4500.0),
+        _run("serial:async:aiohttp", 256, 1, 9.0, p99_ms=3000.0),
+    ]
+    rows = summarize(_result(runs, ("serial:async:aiohttp",), (64, 256)))
+    assert rows[0].flags == ["latency censored by run length"]
+    assert rows[1].flags == []
+
+
 def test_one_percent_of_errors_is_not_flagged():
     runs = [_run("loop:async:aiohttp", 16, 1, 100.0, errors=10)]
     (row,) = summarize(_result(runs, ("loop:async:aiohttp",), (16,)))

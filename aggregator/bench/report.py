@@ -24,6 +24,8 @@ from aggregator.bench.plan import Target
 from aggregator.bench.runner import BenchResult, Run
 
 ERROR_RATE_LIMIT = 0.01
+#: A p99 this close to the run's length means requests were still waiting when it ended.
+CENSORED = 0.8
 CHART_FILES = ("throughput.png", "p99.png")
 OUTPUT_FILES = ("results.json", "results.csv", "report.md", *CHART_FILES)
 
@@ -65,7 +67,7 @@ def summarize(result: BenchResult) -> list[Row]:
             runs = [r for r in result.runs if r.target == name and r.concurrency == level]
             if runs:
                 ideal = result.options.workload.ideal_rps(level, target)
-                rows.append(_row(name, level, runs, ideal))
+                rows.append(_row(name, level, runs, ideal, result.options.duration))
     return rows
 
 
@@ -74,7 +76,7 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(usable) if usable else math.nan
 
 
-def _row(name: str, level: int, runs: list[Run], ideal: float | None) -> Row:
+def _row(name: str, level: int, runs: list[Run], ideal: float | None, duration_s: float) -> Row:
     rps = [r.rps for r in runs]
     errors = sum(r.errors for r in runs)
     attempts = sum(r.requests + r.incomplete for r in runs)
@@ -88,6 +90,10 @@ def _row(name: str, level: int, runs: list[Run], ideal: float | None) -> Row:
         flags.append("generator saturated")
     if not all(r.drained for r in runs):
         flags.append("server backlog after run")
+    if any(r.p99_ms >= CENSORED * duration_s * 1000 for r in runs):
+        # Requests still waiting when the run ended are neither answers nor errors: the
+        # percentiles only cover the ones that finished in time, so they understate.
+        flags.append("latency censored by run length")
     return Row(
         target=name,
         concurrency=level,
@@ -289,7 +295,8 @@ def _markdown(result: BenchResult, rows: list[Row], command: str, charts: list[P
     else:
         lines.append(
             "- No row has more than 1% errors, a saturated generator, a generator using more "
-            "CPU than the server, or a server backlog after its run."
+            "CPU than the server, a server backlog after its run, or latencies censored by the "
+            "run length."
         )
     lines += [f"- {note}" for note in result.notes]
     if charts:

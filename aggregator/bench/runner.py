@@ -17,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,7 +180,7 @@ def run_bench(options: Options, progress: Progress) -> BenchResult:
                     servers[target.name] = ServerProcess(target, config, work, options.threads)
                 for server in servers.values():
                     server.wait_ready()
-                _warm_up(options, servers, progress, result)
+                _warm_up(options, servers, demo, progress, result)
                 for rep in range(1, options.reps + 1):
                     shift = (rep - 1) % len(options.targets)
                     order = options.targets[shift:] + options.targets[:shift]
@@ -200,7 +201,11 @@ def run_bench(options: Options, progress: Progress) -> BenchResult:
 
 
 def _warm_up(
-    options: Options, servers: dict[str, ServerProcess], progress: Progress, result: BenchResult
+    options: Options,
+    servers: dict[str, ServerProcess],
+    demo: DemoProcess,
+    progress: Progress,
+    result: BenchResult,
 ) -> None:
     """Open connection pools, import lazily loaded code and fill the cached targets' entries."""
     if options.warmup <= 0:
@@ -215,7 +220,7 @@ def _warm_up(
             options.warmup,
             timeout=options.timeout,
         )
-        if not server.drain(DRAIN_TIMEOUT):
+        if not _settle(server, demo):
             result.notes.append(f"{name}: still busy {DRAIN_TIMEOUT:g} s after the warm-up")
 
 
@@ -236,7 +241,7 @@ def _measure(
         )
     cpu = server.cpu_seconds() - cpu_before
     calls = int(_demo_call(demo, "GET", "/_stats")["total_requests"])
-    drained = server.drain(DRAIN_TIMEOUT)
+    drained = _settle(server, demo)
     return Run(
         target=server.target.name,
         concurrency=level,
@@ -257,6 +262,25 @@ def _measure(
         upstream_calls=calls,
         drained=drained,
     )
+
+
+def _settle(server: ServerProcess, demo: DemoProcess) -> bool:
+    """Wait until the server answers promptly and no upstream call is in flight.
+
+    Requests the generator abandoned may still be queued (serial mode) or running in threads
+    (the sync twins); their upstream calls would load the shared demo during the next run.
+    """
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    quiet = 0
+    while time.monotonic() < deadline:
+        if _demo_call(demo, "GET", "/_stats")["in_flight"] == 0:
+            quiet += 1
+            if quiet >= 3:
+                return server.drain(max(0.1, deadline - time.monotonic()))
+        else:
+            quiet = 0
+        time.sleep(0.1)
+    return False
 
 
 def _demo_call(demo: DemoProcess, method: str, path: str) -> dict[str, Any]:
