@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,45 +158,52 @@ def machine_info(tool: Tool) -> dict[str, Any]:
     }
 
 
-def run_bench(options: Options, progress: Progress) -> BenchResult:
-    """Measure every target at every level, `reps` times, interleaved."""
-    result = BenchResult(options, machine_info(options.tool))
-    workload = options.workload
+@contextlib.contextmanager
+def _upstreams(workload: Workload) -> Iterator[tuple[DemoProcess, Path, Path]]:
+    """The demo upstreams of `workload`, the config aggregating them and a scratch directory."""
     with tempfile.TemporaryDirectory(prefix="aggregator-bench-") as tmp:
         work = Path(tmp)
-        progress(
-            f"demo upstreams: {workload.sources} sources, latency {workload.latency:g} s, "
-            f"jitter {workload.jitter:g} s, failure rate {workload.failure_rate:g}"
-        )
         with start_demo_process(
             latency=workload.latency, jitter=workload.jitter, failure_rate=workload.failure_rate
         ) as demo:
             config = work / "bench.toml"
             config.write_text(workload.config_toml(demo.url))
-            servers: dict[str, ServerProcess] = {}
-            try:
-                for target in options.targets:
-                    progress(f"starting {target.name}")
-                    servers[target.name] = ServerProcess(target, config, work, options.threads)
-                for server in servers.values():
-                    server.wait_ready()
-                _warm_up(options, servers, demo, progress, result)
-                for rep in range(1, options.reps + 1):
-                    shift = (rep - 1) % len(options.targets)
-                    order = options.targets[shift:] + options.targets[:shift]
-                    for target in order:
-                        for level in options.levels:
-                            run = _measure(options, servers[target.name], demo, level, rep)
-                            result.runs.append(run)
-                            progress(_describe(run, options.reps))
-                            if not run.drained:
-                                result.notes.append(
-                                    f"{target.name} c={level} rep {rep}: still busy "
-                                    f"{DRAIN_TIMEOUT:g} s after the load stopped"
-                                )
-            finally:
-                for server in servers.values():
-                    server.stop()
+            yield demo, config, work
+
+
+def run_bench(options: Options, progress: Progress) -> BenchResult:
+    """Measure every target at every level, `reps` times, interleaved."""
+    result = BenchResult(options, machine_info(options.tool))
+    workload = options.workload
+    progress(
+        f"demo upstreams: {workload.sources} sources, latency {workload.latency:g} s, "
+        f"jitter {workload.jitter:g} s, failure rate {workload.failure_rate:g}"
+    )
+    with _upstreams(workload) as (demo, config, work):
+        servers: dict[str, ServerProcess] = {}
+        try:
+            for target in options.targets:
+                progress(f"starting {target.name}")
+                servers[target.name] = ServerProcess(target, config, work, options.threads)
+            for server in servers.values():
+                server.wait_ready()
+            _warm_up(options, servers, demo, progress, result)
+            for rep in range(1, options.reps + 1):
+                shift = (rep - 1) % len(options.targets)
+                order = options.targets[shift:] + options.targets[:shift]
+                for target in order:
+                    for level in options.levels:
+                        run = _measure(options, servers[target.name], demo, level, rep)
+                        result.runs.append(run)
+                        progress(_describe(run, options.reps))
+                        if not run.drained:
+                            result.notes.append(
+                                f"{target.name} c={level} rep {rep}: still busy "
+                                f"{DRAIN_TIMEOUT:g} s after the load stopped"
+                            )
+        finally:
+            for server in servers.values():
+                server.stop()
     return result
 
 
@@ -308,32 +315,27 @@ def compare_generators(
     """`bench --check`: wrk and the built-in generator on the same server, interleaved."""
     pairs: list[tuple[int, LoadResult, LoadResult]] = []
     workload = options.workload
-    with tempfile.TemporaryDirectory(prefix="aggregator-bench-check-") as tmp:
-        with start_demo_process(
-            latency=workload.latency, jitter=workload.jitter, failure_rate=workload.failure_rate
-        ) as demo:
-            config = Path(tmp) / "bench.toml"
-            config.write_text(workload.config_toml(demo.url))
-            server = ServerProcess(target, config, Path(tmp), options.threads)
-            try:
-                server.wait_ready()
-                url = server.base_url + target.path
-                run_load("wrk", url, min(16, max(levels)), options.warmup or 1.0)
-                server.drain(DRAIN_TIMEOUT)
-                for level in levels:
-                    runs: dict[str, LoadResult] = {}
-                    for tool in ("wrk", "builtin") if level % 2 else ("builtin", "wrk"):
-                        runs[tool] = run_load(
-                            tool, url, level, options.duration, options.requests, options.timeout
-                        )
-                        server.drain(DRAIN_TIMEOUT)
-                    progress(
-                        f"c={level}: wrk {runs['wrk'].rps:.1f} req/s, "
-                        f"built-in {runs['builtin'].rps:.1f} req/s"
+    with _upstreams(workload) as (_, config, work):
+        server = ServerProcess(target, config, work, options.threads)
+        try:
+            server.wait_ready()
+            url = server.base_url + target.path
+            run_load("wrk", url, min(16, max(levels)), options.warmup or 1.0)
+            server.drain(DRAIN_TIMEOUT)
+            for level in levels:
+                runs: dict[str, LoadResult] = {}
+                for tool in ("wrk", "builtin") if level % 2 else ("builtin", "wrk"):
+                    runs[tool] = run_load(
+                        tool, url, level, options.duration, options.requests, options.timeout
                     )
-                    pairs.append((level, runs["wrk"], runs["builtin"]))
-            finally:
-                server.stop()
+                    server.drain(DRAIN_TIMEOUT)
+                progress(
+                    f"c={level}: wrk {runs['wrk'].rps:.1f} req/s, "
+                    f"built-in {runs['builtin'].rps:.1f} req/s"
+                )
+                pairs.append((level, runs["wrk"], runs["builtin"]))
+        finally:
+            server.stop()
     return pairs
 
 
