@@ -110,7 +110,9 @@ async def fan_out(
             results[name] = dataclasses.replace(call.result(), cache="miss")
         else:
             results[name] = call.result()
-    fetched = {name: r for name, r in results.items() if r.cache == "miss"}
+    # Every fresh success, looked up or not: the store keeps what its TTL allows, and a first
+    # cacheable answer is how the source cache learns to look an upstream up.
+    fetched = {name: r for name, r in results.items() if name in tasks and r.ok}
     if source_cache is not None and fetched:
         await source_cache.store(params, fetched)
     return _with_fallbacks(config, results)

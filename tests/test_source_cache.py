@@ -227,7 +227,7 @@ def ok(name: str, data: Any, cc: CacheControl | None) -> SourceResult:
 async def test_stored_payload_is_a_hit_until_its_ttl_runs_out() -> None:
     cache, config, clock = make_source_cache()
     agg = config.aggregates["all"]
-    assert await cache.lookup(agg, PARIS) == {"weather": None, "raw": None}  # `never` not asked
+    assert await cache.lookup(agg, PARIS) == {}  # no upstream has said it may be cached yet
 
     await cache.store(PARIS, {"weather": ok("weather", WEATHER, CacheControl(max_age=10))})
     clock.now += 9.9
@@ -239,8 +239,34 @@ async def test_stored_payload_is_a_hit_until_its_ttl_runs_out() -> None:
     assert hit is not None
     assert (hit.status, hit.cache, hit.data) == ("ok", "hit", WEATHER)
     assert hit.ms < 50
-    assert found["raw"] is None
+    assert "raw" not in found  # never answered cacheably: not asked
     assert expired["weather"] is None
+
+
+async def test_only_upstreams_that_may_be_cached_are_looked_up() -> None:
+    cache, config, _ = make_source_cache("cache_ttl = 30")
+    agg = config.aggregates["all"]
+    asked: list[tuple[str, ...]] = []
+    real_get_many = cache.cache_store.get_many
+
+    async def spy(*keys: str) -> list[Any]:
+        asked.append(keys)
+        return await real_get_many(*keys)
+
+    cache.cache_store.get_many = spy  # type: ignore[method-assign]
+    first = await cache.lookup(agg, PARIS)
+    await cache.store(PARIS, {"raw": ok("raw", [], CacheControl(max_age=60, no_store=True))})
+    still = await cache.lookup(agg, PARIS)
+    await cache.store(PARIS, {"raw": ok("raw", [1], CacheControl(max_age=60))})
+    learned = await cache.lookup(agg, PARIS)
+    # Another process sharing the store has not seen raw's answer: it does not ask for it yet.
+    other = SourceCache(cache.cache_store, config, clock=cache.clock)
+    elsewhere = await other.lookup(agg, PARIS)
+
+    assert list(first) == ["weather"] == list(still)  # explicit cache_ttl: asked from the start
+    assert list(learned) == ["weather", "raw"] and learned["raw"] is not None
+    assert list(elsewhere) == ["weather"]
+    assert all(not any("never" in k for k in keys) for keys in asked)
 
 
 async def test_payloads_are_keyed_by_the_rendered_url() -> None:
@@ -312,7 +338,7 @@ async def _no_fill(name: str, params: Mapping[str, ParamValue]) -> Any:
     ],
 )
 async def test_unreadable_entries_are_misses(raw: object) -> None:
-    cache, config, _ = make_source_cache()
+    cache, config, _ = make_source_cache("cache_ttl = 30")
     url = config.upstreams["weather"].template.render(PARIS)
     cache.cache_store.backend.set(source_key("weather", url), raw, timeout=60)
 
@@ -331,6 +357,10 @@ async def test_one_get_many_for_every_source_and_marker() -> None:
         return await real_get_many(*keys)
 
     cache.cache_store.get_many = spy  # type: ignore[method-assign]
+    cc = CacheControl(max_age=60)  # both have answered cacheably (for another city)
+    await cache.store(
+        {"city": "Oslo"}, {"weather": ok("weather", WEATHER, cc), "raw": ok("raw", 1, cc)}
+    )
 
     await cache.lookup(config.aggregates["all"], PARIS)
 
@@ -557,11 +587,12 @@ def test_one_call_serves_other_aggregates_and_params_with_the_same_url(demo, wri
     second = client.get("/board?user_id=7&city=Paris")
 
     assert first.status_code == 200 and second.status_code == 200
-    assert (weather_cache(first), weather_cache(second)) == ("miss", "hit")
+    # The first answer is how this process learns weather may be cached: not looked up before.
+    assert (weather_cache(first), weather_cache(second)) == (None, "hit")
     assert second.json is not None and first.json is not None
     assert second.json["data"]["weather"] == first.json["data"]["weather"]
     assert second.json["sources"]["weather"]["ms"] < 50
-    assert second.json["sources"]["profile"]["cache"] == "miss"  # looked up, not cacheable
+    assert "cache" not in second.json["sources"]["profile"]  # never cacheable: not looked up
     assert weather_calls(demo) == 1
 
 
@@ -574,8 +605,8 @@ async def test_source_cache_on_the_server_loop(demo, write_config):
         first = await c.get("/board?city=Paris&user_id=7")
         second = await c.get("/city?city=Paris")
         other_city = await c.get("/city?city=Oslo")
-    assert [r.json()["sources"]["weather"]["cache"] for r in (first, second, other_city)] == [
-        "miss",
+    assert [r.json()["sources"]["weather"].get("cache") for r in (first, second, other_city)] == [
+        None,
         "hit",
         "miss",
     ]
@@ -586,10 +617,10 @@ async def test_source_cache_on_the_server_loop(demo, write_config):
 @pytest.mark.parametrize(
     ("query", "extra", "label"),
     [
-        pytest.param("cc=no-store", "", "miss", id="no-store"),
-        pytest.param("cc=private%2C%20max-age%3D60", "", "miss", id="private"),
-        pytest.param("cc=no-cache%2C%20max-age%3D60", "", "miss", id="no-cache"),
-        pytest.param("x=1", "", "miss", id="no-cache-control"),
+        pytest.param("cc=no-store", "", None, id="no-store"),
+        pytest.param("cc=private%2C%20max-age%3D60", "", None, id="private"),
+        pytest.param("cc=no-cache%2C%20max-age%3D60", "", None, id="no-cache"),
+        pytest.param("x=1", "", None, id="no-cache-control"),
         pytest.param(MAX_AGE_60, "cache_ttl = 0", None, id="cache-ttl-0-beats-max-age"),
     ],
 )
@@ -600,7 +631,8 @@ def test_uncacheable_sources_are_called_every_time(demo, write_config, query, ex
     responses = [client.get("/city?city=Paris") for _ in range(3)]
 
     assert all(r.status_code == 200 for r in responses)
-    assert [weather_cache(r) for r in responses] == [label] * 3  # None: no source cache applies
+    # None: never looked up (it never answered cacheably, or the config says never)
+    assert [weather_cache(r) for r in responses] == [label] * 3
     assert weather_calls(demo) == 3
 
 
@@ -676,8 +708,9 @@ def test_requests_succeed_when_the_source_cache_is_down(demo, write_config, monk
 
     assert all(r.status_code == 200 for r in responses)
     assert all(r.json is not None and r.json["complete"] for r in responses)
-    expected = None if broken == "get_many" else "miss"  # lookup down: no source cache applied
-    assert [weather_cache(r) for r in responses] == [expected] * 2
+    # The first answer teaches that weather may be cached; with the lookup down it stays None.
+    expected = None if broken == "get_many" else "miss"
+    assert [weather_cache(r) for r in responses] == [None, expected]
     assert weather_calls(demo) == 2
 
 
@@ -692,7 +725,7 @@ def test_purging_an_upstream_makes_its_next_call_a_miss(demo, write_config):
     after = [client.get("/board?city=Paris&user_id=7") for _ in range(2)]
 
     assert "upstream weather" in purged
-    assert [weather_cache(r) for r in before + after] == ["miss", "hit", "miss", "hit"]
+    assert [weather_cache(r) for r in before + after] == [None, "hit", "miss", "hit"]
     assert weather_calls(demo) == 2
 
 
@@ -709,9 +742,11 @@ def test_one_get_many_per_fan_out(demo, write_config, monkeypatch):
 
     monkeypatch.setattr(store, "get_many", spy)
 
-    for _ in range(2):
-        assert client.get("/board?city=Paris&user_id=7").status_code == 200
+    for city in ("Paris", "Oslo", "Rome"):
+        assert client.get(f"/board?city={city}&user_id=7").status_code == 200
 
     source_lookups = [keys for keys in calls if any(k.startswith("src:") for k in keys)]
+    # None before weather first answered cacheably; then one per fan-out, for weather and its
+    # purge marker only (profile never says it may be cached, so it is never looked up).
     assert len(source_lookups) == 2
-    assert all(len(keys) == 4 for keys in source_lookups)  # 2 sources + 2 purge markers
+    assert all(len(keys) == 2 for keys in source_lookups)
