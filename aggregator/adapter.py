@@ -40,6 +40,7 @@ from asgiref.wsgi import WsgiToAsgi, WsgiToAsgiInstance
 from flask import Flask
 
 from aggregator import upstream
+from aggregator.runtime import tune_gc
 from aggregator.settings import Settings
 
 if TYPE_CHECKING:
@@ -247,6 +248,9 @@ class ASGIAdapter:
                     logger.exception("startup failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                # Only a real server's lifespan tunes the process; tests that run the lifespan
+                # in their own process (`lifespan()`) keep Python's collector as it is.
+                tune_gc(self.settings.gc_threshold)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.shutdown()

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     max_request_body: int = Field(default=1024 * 1024, ge=0)
     #: Threads for `def` views (loop mode) or for whole requests (threads mode).
     threads: int = Field(default=64, ge=1)
+    #: The cyclic GC's generation-0 threshold in a serving process (Python's is 700), set with
+    #: start-up objects frozen once the lifespan has started (`runtime.tune_gc`: why); 0 keeps
+    #: Python's collector as it is.
+    gc_threshold: int = Field(default=10_000, ge=0)
     #: Worker processes serving this config (`aggregator serve` sets it from --workers /
     #: hypercorn.toml); a per-process cache with several workers is refused.
     workers: int = Field(default=1, ge=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from pathlib import Path
@@ -196,6 +197,29 @@ async def test_lifespan_protocol_opens_and_closes_the_shared_client(config_path)
         "lifespan.shutdown.complete",
     ]
     assert shared_client() is None  # closed and forgotten at shutdown
+
+
+@pytest.mark.parametrize(("threshold", "tuned"), [(12_345, True), (0, False)])
+async def test_a_servers_lifespan_tunes_the_collector(config_path, threshold, tuned):
+    before = gc.get_threshold()
+    adapter = create_app_adapter(config_path, gc_threshold=threshold)
+    sent = await _asgi_call(
+        adapter,
+        {"type": "lifespan", "asgi": {"version": "3.0"}},
+        [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}],
+    )
+    assert sent[0]["type"] == "lifespan.startup.complete"
+    if tuned:
+        assert gc.get_threshold() == (12_345, *before[1:])
+        assert gc.get_freeze_count() > 0  # start-up objects no longer walked by collections
+    else:
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+async def test_in_process_lifespans_leave_the_collector_alone(config_path):
+    before = gc.get_threshold()
+    async with create_app_adapter(config_path, gc_threshold=12_345).lifespan():
+        assert gc.get_threshold() == before  # only a server's lifespan protocol tunes it
 
 
 def create_app_adapter(config_path: Path, **settings: Any) -> ASGIAdapter:

@@ -46,6 +46,11 @@ needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not i
             "threads:async:httpx+asyncio+cached",
             Target("threads", "async", "httpx", cached=True, event_loop="asyncio"),
         ),
+        ("fastapi:async+gc", Target("fastapi", "async", "aiohttp", gc="tuned")),
+        (
+            "loop:async+pygc+asyncio",
+            Target("loop", "async", "aiohttp", False, "asyncio", "python"),
+        ),
     ],
 )
 def test_targets_parse_and_name_themselves(spec, expected):
@@ -66,7 +71,9 @@ def test_targets_parse_and_name_themselves(spec, expected):
         ("fastapi:sync", "async only"),
         ("loop:sync-pool+cached", "only our async views are cached"),
         ("fastapi:async+cached", "only our async views are cached"),
-        ("loop:async+fast", "flags are +cached, +asyncio or +uvloop"),
+        ("loop:async+fast", "flags are +cached, +asyncio, +uvloop, +gc or +pygc"),
+        ("loop:async+gc+pygc", "+gc or +pygc, not both"),
+        ("gunicorn:sync+gc", "ASGI servers only"),
         ("loop:async+cached+cached", "once each"),
         ("loop:async+uvloop+asyncio", "one event loop at most"),
         ("gunicorn:sync+uvloop", "no event loop to choose"),
@@ -95,6 +102,24 @@ def test_servers_get_the_bench_settings_and_inherit_the_callers_others(monkeypat
     assert env["AGGREGATOR_MODE"] == "threads" and env["AGGREGATOR_ENGINE"] == "httpx"
     assert env["AGGREGATOR_THREADS"] == "16" and env["AGGREGATOR_POOL_MAX_CONNECTIONS"] == "4096"
     assert passed_settings() == {"AGGREGATOR_POOL_MAX_CONNECTIONS": "4096"}  # no secrets
+
+
+@pytest.mark.parametrize(
+    ("spec", "threshold"),
+    [
+        ("loop:async", "10000"),  # what we ship
+        ("loop:async+pygc", "0"),
+        ("threads:sync-pool", "10000"),
+        ("fastapi:async", "0"),  # as FastAPI users run it
+        ("fastapi:async+gc", "10000"),
+        ("gunicorn:sync", "0"),  # no lifespan: nothing would tune it anyway
+    ],
+)
+def test_gc_flags_set_each_servers_collector(monkeypatch, tmp_path, spec, threshold):
+    monkeypatch.setenv("AGGREGATOR_GC_THRESHOLD", "123")  # the targets decide, not the caller
+    env = server_env(parse_target(spec), tmp_path / "b.toml", 16)
+    assert env["AGGREGATOR_GC_THRESHOLD"] == threshold
+    assert "AGGREGATOR_GC_THRESHOLD" not in passed_settings()
 
 
 def test_target_paths_pick_the_view_and_the_cached_aggregate():

@@ -25,6 +25,7 @@ from aggregator.errors import InvalidRequestError
 from aggregator.fanout import fan_out
 from aggregator.merge import merge, server_timing
 from aggregator.resilience import Guards
+from aggregator.runtime import tune_gc
 from aggregator.settings import Settings
 
 
@@ -38,6 +39,7 @@ def create_reference_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         clients.append(build_client(settings))
+        tune_gc(settings.gc_threshold)  # the bench sets 0 (Python's GC) unless the target has +gc
         try:
             yield
         finally:

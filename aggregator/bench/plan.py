@@ -12,7 +12,11 @@ A target is written `SERVER:VIEW[:ENGINE][+FLAG...]`, e.g. `loop:async:aiohttp`,
   always use httpx's blocking client, so they take none;
 - `+cached`: the aggregate is cached for an hour, so after the warm-up every request is a hit;
 - `+asyncio` / `+uvloop`: the event loop of an async server (Hypercorn's worker class, uvicorn's
-  `--loop`); without it each server runs on its own default (uvloop when installed).
+  `--loop`); without it each server runs on its own default (uvloop when installed);
+- `+gc` / `+pygc`: the garbage collector. Our Hypercorn servers ship aggregator's GC tuning
+  (`AGGREGATOR_GC_THRESHOLD`, see `aggregator.runtime`); `+pygc` runs them on Python's defaults
+  to show what it is worth. The FastAPI reference runs on Python's defaults, as its users would;
+  `+gc` gives it the same tuning, so a comparison can separate framework from GC.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ SERVERS: tuple[Server, ...] = ("loop", "threads", "serial", "gunicorn", "fastapi
 VIEWS: tuple[View, ...] = ("async", "sync", "sync-pool")
 ENGINES = ("aiohttp", "httpx")
 EVENT_LOOPS = ("asyncio", "uvloop")
+GC_FLAGS = {"gc": "tuned", "pygc": "python"}
+GcMode = Literal["tuned", "python"]
 HYPERCORN_SERVERS = frozenset({"loop", "threads", "serial"})
 #: The package an optional server needs, and the extra that brings it.
 _OPTIONAL = {"gunicorn": "gunicorn", "fastapi": "fastapi", "uvloop": "uvloop"}
@@ -50,6 +56,8 @@ class Target:
     engine: str | None = None
     cached: bool = False
     event_loop: str | None = None
+    #: None: the server's own default (ours tuned, FastAPI and gunicorn Python's).
+    gc: GcMode | None = None
 
     @property
     def name(self) -> str:
@@ -58,6 +66,8 @@ class Target:
         flags = ("+cached" if self.cached else "") + (
             f"+{self.event_loop}" if self.event_loop else ""
         )
+        if self.gc is not None:
+            flags += "+gc" if self.gc == "tuned" else "+pygc"
         return f"{self.server}:{self.view}{engine}{flags}"
 
     @property
@@ -79,14 +89,20 @@ class Target:
 def parse_target(text: str) -> Target:
     """Parse `SERVER:VIEW[:ENGINE][+FLAG...]`, refusing combinations that do not exist."""
     base, *flags = text.strip().split("+")
-    unknown = set(flags) - {"cached", *EVENT_LOOPS}
+    unknown = set(flags) - {"cached", *EVENT_LOOPS, *GC_FLAGS}
     if unknown or len(flags) != len(set(flags)):
-        raise PlanError(f"target {text!r}: flags are +cached, +asyncio or +uvloop, once each")
+        raise PlanError(
+            f"target {text!r}: flags are +cached, +asyncio, +uvloop, +gc or +pygc, once each"
+        )
     cached = "cached" in flags
     loops = [f for f in flags if f in EVENT_LOOPS]
     if len(loops) > 1:
         raise PlanError(f"target {text!r}: one event loop at most")
     event_loop = loops[0] if loops else None
+    gcs = [GC_FLAGS[f] for f in flags if f in GC_FLAGS]
+    if len(gcs) > 1:
+        raise PlanError(f"target {text!r}: +gc or +pygc, not both")
+    gc: GcMode | None = gcs[0] if gcs else None  # type: ignore[assignment]
     parts = base.split(":")
     if len(parts) not in (2, 3):
         raise PlanError(f"target {text!r}: expected SERVER:VIEW[:ENGINE][+FLAG...]")
@@ -110,7 +126,9 @@ def parse_target(text: str) -> Target:
         raise PlanError(f"target {text!r}: only our async views are cached")
     if event_loop and server == "gunicorn":
         raise PlanError(f"target {text!r}: gunicorn's threads have no event loop to choose")
-    return Target(server, view, engine, cached, event_loop)
+    if gc is not None and server == "gunicorn":
+        raise PlanError(f"target {text!r}: GC tuning applies to the ASGI servers only")
+    return Target(server, view, engine, cached, event_loop, gc)
 
 
 #: Everything the issue asks to compare; optional servers are dropped when not installed.

@@ -22,6 +22,7 @@ import psutil
 
 from aggregator.bench.plan import Target
 from aggregator.demo.process import free_port
+from aggregator.settings import Settings
 
 BACKLOG = "2048"
 KEEP_ALIVE = "5"
@@ -74,7 +75,16 @@ def server_command(target: Target, port: int, threads: int) -> list[str]:
 #: environment (pool sizes, timeouts, ...) reach every server alike and go into the report.
 CONTROLLED = frozenset(
     "AGGREGATOR_" + name
-    for name in ("CONFIG", "MODE", "ENGINE", "CACHE_TYPE", "WORKERS", "THREADS", "LOG_LEVEL")
+    for name in (
+        "CONFIG",
+        "MODE",
+        "ENGINE",
+        "CACHE_TYPE",
+        "WORKERS",
+        "THREADS",
+        "LOG_LEVEL",
+        "GC_THRESHOLD",
+    )
 )
 
 
@@ -99,6 +109,10 @@ def server_env(target: Target, config: Path, threads: int) -> dict[str, str]:
         AGGREGATOR_THREADS=str(threads),
         AGGREGATOR_LOG_LEVEL="WARNING",
     )
+    # Each server's own GC default unless the target says (see plan: +gc / +pygc).
+    gc = target.gc or ("python" if target.server in ("fastapi", "gunicorn") else "tuned")
+    tuned = str(Settings.model_fields["gc_threshold"].default)
+    env["AGGREGATOR_GC_THRESHOLD"] = tuned if gc == "tuned" else "0"
     return env
 
 
