@@ -134,6 +134,7 @@ def parse_target(text: str) -> Target:
 #: Everything the issue asks to compare; optional servers are dropped when not installed.
 DEFAULT_TARGETS = (
     "loop:async:aiohttp",
+    "loop:async:aiohttp+pygc",
     "threads:async:aiohttp",
     "serial:async:aiohttp",
     "loop:async:httpx",
@@ -141,6 +142,7 @@ DEFAULT_TARGETS = (
     "loop:sync-pool",
     "gunicorn:sync-pool",
     "fastapi:async:aiohttp",
+    "fastapi:async:aiohttp+gc",
     "fastapi:async:httpx",
     "loop:async:aiohttp+cached",
 )
