@@ -10,7 +10,7 @@ from aggregator.adapter import AggregatorFlask, ASGIAdapter
 from aggregator.config import AppConfig, load_config
 from aggregator.errors import ConfigError
 from aggregator.settings import Settings
-from aggregator.views import admin, aggregates, docs, errors, health, sync
+from aggregator.views import admin, aggregates, dashboard, docs, errors, health, status, sync
 
 
 def create_app(
@@ -19,7 +19,8 @@ def create_app(
     """Build the Flask app; settings and config are read once here (tests pass their own)."""
     settings = settings or Settings()
     config = config or load_config(settings.config)
-    app = AggregatorFlask(__name__, view_threads=settings.threads)
+    # No app-wide static route: the dashboard serves its own assets, only when it is enabled.
+    app = AggregatorFlask(__name__, view_threads=settings.threads, static_folder=None)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep config order of sources
     app.extensions["aggregator.settings"] = settings
     app.extensions["aggregator.config"] = config
@@ -28,7 +29,9 @@ def create_app(
     app.register_blueprint(admin.bp)
     aggregates.register(app, settings, config)
     sync.register(app, settings, config)
-    docs.register(app, config)
+    docs.register(app, config, dashboard=settings.dashboard)
+    status.register(app, config)
+    dashboard.register(app, enabled=settings.dashboard)
     return app
 
 

@@ -140,8 +140,9 @@ def run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
     # Workers build their settings from the environment; they must know how many they are
     # (a per-process cache with several workers is refused).
     os.environ["AGGREGATOR_WORKERS"] = str(config.workers)
+    settings = Settings()
     try:
-        check_cache_settings(Settings())
+        check_cache_settings(settings)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         return 1
@@ -149,7 +150,21 @@ def run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
         f"aggregator serving on {', '.join(config.bind)} "
         f"(mode={os.environ.get('AGGREGATOR_MODE', 'loop')}, workers={config.workers})"
     )
+    page = _page_url(config.bind) if settings.dashboard else None
+    if page is not None:
+        click.echo(f"live dashboard: open {page}")
     return run(config)
+
+
+def _page_url(binds: list[str]) -> str | None:
+    """The dashboard's address for the first TCP bind (a wildcard host becomes loopback)."""
+    for bind in binds:
+        if bind.startswith(("unix:", "fd://")):
+            continue
+        host, _, port = bind.rpartition(":")
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+        return f"http://{host}:{port}/"
+    return None
 
 
 @main.group("cache")

@@ -42,10 +42,12 @@ _FALSE = {"false", "0", "no", "off"}
 _INT = re.compile(r"[+-]?[0-9]{1,18}")
 _FLOAT = re.compile(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|inf|infinity|nan)", re.I)
 MAX_PARAM_LENGTH = 1024
-RESERVED_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/sync", "/sync-pool"})
-#: Admin endpoints, the API docs' assets, and the sync twins of every aggregate
+RESERVED_PATHS = frozenset(
+    {"/", "/status", "/healthz", "/readyz", "/openapi.json", "/docs", "/sync", "/sync-pool"}
+)
+#: Admin endpoints, the API docs' and dashboard's assets, and the sync twins of every aggregate
 #: (`/sync/api/x`, `/sync-pool/api/x`).
-RESERVED_PREFIXES = ("/admin/", "/docs/", "/sync/", "/sync-pool/")
+RESERVED_PREFIXES = ("/admin/", "/docs/", "/static/", "/sync/", "/sync-pool/")
 
 
 def expand_env(value: str) -> str:

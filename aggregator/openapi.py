@@ -4,8 +4,9 @@ Dashboards get a contract that cannot drift from what is served: every aggregate
 query parameters (types, defaults, required-ness and the limits `config.parse_value` enforces),
 the envelope with each source's pydantic model under `data` (`model_json_schema` in
 serialization mode, as upstream payloads are dumped), the one error shape, and the health,
-readiness and admin routes. The sync twins are listed too, tagged `benchmark`: they exist to be
-compared, not to be built on. Built once per app: the config is read once.
+readiness, status (with the dashboard page when it is on) and admin routes. The sync twins are
+listed too, tagged `benchmark`: they exist to be compared, not to be built on. Built once per
+app: the config is read once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic.json_schema import models_json_schema
 
 from aggregator.config import MAX_PARAM_LENGTH, AggregateConfig, AppConfig, ParamSpec
 from aggregator.models import JSONDict, SourceError, SourceInfo
+from aggregator.status import status_paths, status_schemas
 
 _REF = "#/components/schemas/{model}"
 #: `config.parse_value` accepts at most 18 digits.
@@ -35,10 +37,14 @@ _ERROR_STATUSES = {
 }
 
 
-def build_openapi(config: AppConfig, *, sync_prefixes: Iterable[str] = ()) -> JSONDict:
-    """The whole document for `config`; `sync_prefixes` are the sync twins' path prefixes."""
+def build_openapi(
+    config: AppConfig, *, sync_prefixes: Iterable[str] = (), dashboard: bool = True
+) -> JSONDict:
+    """The whole document for `config`; `sync_prefixes` are the sync twins' path prefixes,
+    `dashboard` whether the page at `/` is served."""
     schemas, refs = _model_schemas(config)
     schemas.update(_fixed_schemas(config))
+    schemas.update(status_schemas())
     paths: JSONDict = {}
     for name, agg in config.aggregates.items():
         data = {s: _data_schema(refs, config.upstreams[s].model) for s in agg.sources}
@@ -47,6 +53,7 @@ def build_openapi(config: AppConfig, *, sync_prefixes: Iterable[str] = ()) -> JS
         for prefix in sync_prefixes:
             paths[prefix + agg.path] = {"get": _twin_operation(name, agg, prefix)}
     paths.update(_health_paths())
+    paths.update(status_paths(dashboard=dashboard))
     paths.update(_admin_paths())
     return {
         "openapi": "3.1.0",
@@ -64,6 +71,7 @@ def build_openapi(config: AppConfig, *, sync_prefixes: Iterable[str] = ()) -> JS
         "tags": [
             {"name": "aggregates", "description": "The configured aggregates."},
             {"name": "health", "description": "Liveness and readiness probes."},
+            {"name": "status", "description": "The live dashboard page and per-worker state."},
             {"name": "admin", "description": "Cache purge and warm-up, behind a bearer token."},
             {
                 "name": "benchmark",

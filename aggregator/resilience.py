@@ -43,7 +43,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, ItemsView, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -173,7 +173,12 @@ class CircuitBreaker:
 
     @property
     def state(self) -> BreakerState:
+        """Stays `open` after the cool-down until a call asks (that call becomes the probe)."""
         return self._state
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._consecutive
 
     def acquire(self) -> Permit | None:
         """A permit to call, or None: refuse the call without contacting the upstream."""
@@ -422,6 +427,10 @@ class Guards:
 
     def get(self, name: str) -> UpstreamGuard | None:
         return self._guards.get(name)
+
+    def items(self) -> ItemsView[str, UpstreamGuard]:
+        """Every upstream's guard, in config order (for `/status`)."""
+        return self._guards.items()
 
 
 def with_fallback(result: SourceResult, upstream: UpstreamConfig) -> SourceResult:

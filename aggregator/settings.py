@@ -71,3 +71,6 @@ class Settings(BaseSettings):
     singleflight_wait: float = Field(default=10.0, gt=0)
     #: Token for the admin endpoints (Authorization: Bearer ...); unset disables them.
     admin_token: SecretStr | None = None
+    #: The live dashboard page at `/` (and its assets under /static/); off: both are 404.
+    #: `/status` stays, for scripts and probes.
+    dashboard: bool = True

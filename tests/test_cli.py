@@ -74,6 +74,27 @@ def test_run_server_applies_overrides_to_the_hypercorn_file(monkeypatch, tmp_pat
     assert os.environ["AGGREGATOR_WORKERS"] == "4"  # the workers' settings see the count
 
 
+@pytest.mark.parametrize(
+    ("bind", "dashboard", "line"),
+    [
+        ("127.0.0.1:7000", "on", "live dashboard: open http://127.0.0.1:7000/"),
+        ("0.0.0.0:8000", "on", "live dashboard: open http://127.0.0.1:8000/"),
+        ("127.0.0.1:7000", "off", None),
+    ],
+    ids=["loopback", "wildcard-host", "dashboard-off"],
+)
+def test_run_server_says_where_the_dashboard_is(
+    monkeypatch, tmp_path, capsys, bind, dashboard, line
+):
+    monkeypatch.setenv("AGGREGATOR_DASHBOARD", dashboard)
+    monkeypatch.setattr("hypercorn.run.run", lambda config: 0)
+    toml = tmp_path / "h.toml"
+    toml.write_text(f'bind = ["{bind}"]\n')
+    assert cli.run_server(toml, {"bind": None, "workers": None}) == 0
+    dashboard_lines = [x for x in capsys.readouterr().out.splitlines() if "dashboard" in x]
+    assert dashboard_lines == ([line] if line else [])
+
+
 def test_run_server_refuses_a_per_process_cache_with_several_workers(monkeypatch, tmp_path):
     monkeypatch.setattr("hypercorn.run.run", lambda config: pytest.fail("must not start"))
     toml = tmp_path / "h.toml"

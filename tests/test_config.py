@@ -200,6 +200,21 @@ def test_a_valid_config_file_loads(write_config: WriteConfig) -> None:
             id="reserved-sync-root",
         ),
         pytest.param(
+            toml().replace('path = "/api/a"', 'path = "/"'),
+            "aggregates.a.path: / is reserved",
+            id="reserved-dashboard-page",
+        ),
+        pytest.param(
+            toml().replace('path = "/api/a"', 'path = "/status"'),
+            "aggregates.a.path: /status is reserved",
+            id="reserved-status",
+        ),
+        pytest.param(
+            toml().replace('path = "/api/a"', 'path = "/static/app.js"'),
+            "aggregates.a.path: /static/app.js is reserved",
+            id="reserved-dashboard-assets",
+        ),
+        pytest.param(
             toml().replace('path = "/api/a"', 'path = "api/a"'),
             "aggregates.a.path: String should match pattern",
             id="path-without-slash",

@@ -21,9 +21,11 @@ OPENAPI_PATH = "/openapi.json"
 bp = Blueprint("docs", __name__)
 
 
-def register(app: Flask, config: AppConfig) -> None:
+def register(app: Flask, config: AppConfig, *, dashboard: bool) -> None:
     """Build the document once (the config is read once) and attach both routes."""
-    document = build_openapi(config, sync_prefixes=(SEQUENTIAL_PREFIX, POOL_PREFIX))
+    document = build_openapi(
+        config, sync_prefixes=(SEQUENTIAL_PREFIX, POOL_PREFIX), dashboard=dashboard
+    )
     app.extensions["aggregator.openapi"] = app.json.dumps(document).encode()
     app.register_blueprint(bp)
     ui = get_swaggerui_blueprint(

@@ -1,0 +1,388 @@
+/* The live dashboard page: plain JS, no build step, no dependencies, nothing from elsewhere.
+ *
+ * It reads the aggregates from the page's `aggregator-meta` data block, builds a form from
+ * their parameters, and on every refresh fetches the chosen aggregate, then /status, from this
+ * origin. Latency bars come from the answer's Server-Timing header (one entry per source, then
+ * `cache` and `total`); a cache hit has no source entries, so the bars then show the times of
+ * the fill that stored it, from the envelope. A failing source, a 4xx/5xx or an unreachable
+ * server changes what is drawn, never stops the page: every fetch is caught.
+ */
+"use strict";
+
+(() => {
+  const meta = JSON.parse(document.getElementById("aggregator-meta").textContent);
+  const aggregates = new Map(meta.aggregates.map((agg) => [agg.name, agg]));
+  const byId = (id) => document.getElementById(id);
+  const ui = {
+    form: byId("query"),
+    aggregate: byId("aggregate"),
+    path: byId("path"),
+    params: byId("params"),
+    auto: byId("auto"),
+    interval: byId("interval"),
+    updated: byId("updated"),
+    banner: byId("banner"),
+    summary: byId("summary"),
+    rows: byId("rows"),
+    scope: byId("scope"),
+    answer: byId("answer"),
+  };
+  const FETCH_TIMEOUT_MS = 30000;
+  const state = { timer: null, controller: null, refreshes: 0 };
+
+  // -- small DOM helpers (textContent only: nothing from a response is parsed as HTML) -------
+
+  function make(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function formatMs(ms) {
+    if (typeof ms !== "number" || !Number.isFinite(ms)) return "";
+    return ms >= 1000 ? `${(ms / 1000).toFixed(2)} s` : `${ms.toFixed(1)} ms`;
+  }
+
+  // -- the form ------------------------------------------------------------------------------
+
+  function current() {
+    return aggregates.get(ui.aggregate.value);
+  }
+
+  function buildAggregates(selected) {
+    for (const agg of meta.aggregates) {
+      const option = make("option", "", agg.name);
+      option.value = agg.name;
+      ui.aggregate.append(option);
+    }
+    if (aggregates.has(selected)) ui.aggregate.value = selected;
+  }
+
+  function buildParams(agg, given) {
+    ui.params.replaceChildren();
+    ui.path.textContent = agg ? `GET ${agg.path}` : "";
+    if (!agg) return;
+    for (const [name, spec] of Object.entries(agg.params)) {
+      const label = make("label", "field");
+      const caption = make("span", "name", spec.required ? `${name} *` : name);
+      caption.title = spec.required ? `${spec.type}, required` : `${spec.type}, optional`;
+      let input;
+      if (spec.type === "bool") {
+        input = make("select");
+        const choices = spec.required ? ["true", "false"] : ["", "true", "false"];
+        for (const choice of choices) {
+          const option = make("option", "", choice || `default (${spec.default})`);
+          option.value = choice;
+          input.append(option);
+        }
+      } else {
+        input = make("input");
+        input.type = "text";
+        if (spec.type !== "str") input.inputMode = spec.type === "int" ? "numeric" : "decimal";
+        input.placeholder = spec.required ? spec.type : `${spec.default} (default)`;
+      }
+      input.name = name;
+      input.dataset.param = name;
+      const value = given.get(name) ?? agg.example[name];
+      if (value !== undefined && value !== null) input.value = String(value);
+      label.append(caption, input);
+      ui.params.append(label);
+    }
+  }
+
+  function paramInputs() {
+    return Array.from(ui.params.querySelectorAll("[data-param]"));
+  }
+
+  function missingRequired(agg) {
+    return paramInputs()
+      .filter((input) => agg.params[input.name].required && input.value.trim() === "")
+      .map((input) => input.name);
+  }
+
+  function query() {
+    const params = new URLSearchParams();
+    for (const input of paramInputs()) {
+      input.removeAttribute("aria-invalid");
+      if (input.value.trim() !== "") params.set(input.name, input.value.trim());
+    }
+    return params;
+  }
+
+  /** Keep the page's own URL in step, so a view can be bookmarked or shared. */
+  function remember(agg, params) {
+    const page = new URLSearchParams({ aggregate: agg.name });
+    for (const [name, value] of params) page.set(name, value);
+    page.set("refresh", ui.interval.value);
+    if (!ui.auto.checked) page.set("auto", "off");
+    history.replaceState(null, "", `?${page}`);
+  }
+
+  // -- fetching ------------------------------------------------------------------------------
+
+  /** Server-Timing: `name;dur=1.2;desc="ok", ...` -> Map(name -> {dur, desc}). */
+  function parseServerTiming(header) {
+    const entries = new Map();
+    for (const part of (header || "").split(",")) {
+      const [name, ...fields] = part.trim().split(";");
+      if (!name) continue;
+      const entry = { dur: null, desc: "" };
+      for (const field of fields) {
+        const eq = field.indexOf("=");
+        if (eq < 0) continue;
+        const key = field.slice(0, eq).trim();
+        const value = field.slice(eq + 1).trim().replace(/^"(.*)"$/, "$1");
+        if (key === "dur") entry.dur = Number(value);
+        else if (key === "desc") entry.desc = value;
+      }
+      entries.set(name.trim(), entry);
+    }
+    return entries;
+  }
+
+  async function getJson(url, signal) {
+    const result = { url, status: 0, headers: null, body: null, error: null };
+    try {
+      const response = await fetch(url, {
+        signal,
+        cache: "no-store", // always ask the server: its X-Cache is what we want to see
+        headers: { Accept: "application/json" },
+      });
+      result.status = response.status;
+      result.headers = response.headers;
+      const text = await response.text();
+      try {
+        result.body = text ? JSON.parse(text) : null;
+      } catch (parseError) {
+        result.error = `not JSON (${response.status}): ${text.slice(0, 200)}`;
+      }
+    } catch (error) {
+      result.error = error && error.name === "AbortError" ? "aborted" : String(error);
+    }
+    return result;
+  }
+
+  async function refresh() {
+    clearTimeout(state.timer);
+    state.timer = null;
+    if (state.controller) state.controller.abort();
+    const agg = current();
+    if (!agg) return;
+    const controller = new AbortController();
+    state.controller = controller;
+    const params = query();
+    remember(agg, params);
+    const search = params.toString();
+    const url = `${meta.root}${agg.path}${search ? `?${search}` : ""}`;
+    const giveUp = setTimeout(() => controller.abort(), FETCH_TIMEOUT_MS);
+    document.body.dataset.loading = "true";
+    const answer = await getJson(url, controller.signal);
+    // After the answer, so the circuit state shown includes what this answer did to it.
+    const status = await getJson(`${meta.root}/status`, controller.signal);
+    clearTimeout(giveUp);
+    if (state.controller !== controller) return; // a newer refresh took over
+    state.controller = null;
+    delete document.body.dataset.loading;
+    render(agg, answer, status);
+    state.refreshes += 1;
+    document.body.dataset.refreshes = String(state.refreshes);
+    schedule();
+  }
+
+  function schedule() {
+    clearTimeout(state.timer);
+    state.timer = null;
+    if (ui.auto.checked && !document.hidden && !state.controller) {
+      state.timer = setTimeout(refresh, Number(ui.interval.value) * 1000);
+    }
+  }
+
+  // -- drawing -------------------------------------------------------------------------------
+
+  function showBanner(kind, text) {
+    ui.banner.hidden = !text;
+    ui.banner.className = `banner ${kind}`;
+    ui.banner.textContent = text || "";
+  }
+
+  function isEnvelope(body) {
+    return body !== null && typeof body === "object" && "sources" in body && "data" in body;
+  }
+
+  function render(agg, answer, status) {
+    const envelope = isEnvelope(answer.body) ? answer.body : null;
+    const timings = parseServerTiming(answer.headers && answer.headers.get("Server-Timing"));
+    const xCache = answer.headers && answer.headers.get("X-Cache");
+    const breakers = status.body && status.body.sources ? status.body.sources : null;
+
+    if (answer.error) {
+      showBanner("error", `${agg.path}: ${answer.error}`);
+    } else if (!envelope) {
+      const body = answer.body || {};
+      showBanner("error", `${answer.status} ${body.error || ""}: ${body.message || "no envelope"}`);
+      const field = body.field && ui.params.querySelector(`[data-param="${CSS.escape(body.field)}"]`);
+      if (field) field.setAttribute("aria-invalid", "true");
+    } else if (answer.status >= 500) {
+      const failed = agg.required.filter((name) => envelope.errors && envelope.errors[name]);
+      showBanner("error", `${answer.status}: required source failed: ${failed.join(", ")}`);
+    } else {
+      showBanner("", "");
+    }
+
+    drawSummary(answer, envelope, timings, xCache, status);
+    drawRows(agg, envelope, timings, xCache, breakers);
+    ui.answer.textContent = answer.body !== null ? JSON.stringify(answer.body, null, 2) : "";
+    ui.updated.textContent = `updated ${new Date().toLocaleTimeString()}`;
+    ui.scope.textContent = status.body
+      ? `circuit state from worker ${status.body.worker}: ${status.body.note}.`
+      : `circuit state unavailable: ${status.error || status.status}`;
+  }
+
+  function chip(label, value, kind) {
+    const item = make("li", `chip ${kind || ""}`.trim());
+    item.append(make("span", "label", label), make("span", "value", value));
+    return item;
+  }
+
+  function drawSummary(answer, envelope, timings, xCache, status) {
+    const failed = !answer.status || answer.status >= 400;
+    const chips = [chip("HTTP", answer.status ? String(answer.status) : "—", failed ? "bad" : "good")];
+    if (envelope) {
+      const complete = envelope.complete;
+      chips.push(chip("answer", complete ? "complete" : "partial", complete ? "good" : "warn"));
+    }
+    chips.push(chip("X-Cache", xCache || "off"));
+    const cache = timings.get("cache");
+    if (cache) chips.push(chip("cache", `${formatMs(cache.dur)} ${cache.desc}`.trim()));
+    const total = timings.get("total");
+    if (total) chips.push(chip("total", formatMs(total.dur)));
+    const age = answer.headers && answer.headers.get("Age");
+    if (age !== null && age !== undefined && xCache) chips.push(chip("age", `${age} s`));
+    if (status.body) chips.push(chip("worker", String(status.body.worker)));
+    ui.summary.replaceChildren(...chips);
+  }
+
+  function sourceState(info) {
+    if (!info) return "unknown";
+    if (info.status === "ok") return "ok";
+    return info.fallback ? "fallback" : "error";
+  }
+
+  function drawRows(agg, envelope, timings, xCache, breakers) {
+    const measured = agg.sources.map((name) => {
+      const timing = timings.get(name);
+      const info = envelope && envelope.sources ? envelope.sources[name] : undefined;
+      // A hit ran no source: show the stored fill's times, and say so.
+      const ms = timing && timing.dur !== null ? timing.dur : info ? info.ms : null;
+      return { name, info, ms, live: Boolean(timing) };
+    });
+    const total = timings.get("total");
+    const scale = Math.max(
+      1,
+      ...measured.map((row) => row.ms || 0),
+      measured.some((row) => row.live) && total ? total.dur : 0,
+    );
+    ui.rows.replaceChildren(
+      ...measured.map((row) => drawRow(row, envelope, scale, xCache, breakers)),
+    );
+  }
+
+  function drawRow(row, envelope, scale, xCache, breakers) {
+    const { name, info, ms, live } = row;
+    const kind = sourceState(info);
+    const tr = make("tr", `source ${kind}`);
+    tr.dataset.source = name;
+    tr.dataset.state = kind;
+    tr.dataset.status = info ? info.status : "";
+
+    const error = envelope && envelope.errors ? envelope.errors[name] : undefined;
+    const statusCell = make("td", "status");
+    const badge = make("span", `badge ${kind}`, info ? info.status : "—");
+    statusCell.append(badge);
+    if (info && info.fallback) statusCell.append(make("span", "badge fallback-flag", "fallback"));
+    if (error) {
+      const detail = error.status ? `${error.detail} (HTTP ${error.status})` : error.detail;
+      statusCell.append(make("div", "detail", detail));
+    }
+
+    const latency = make("td", "latency");
+    const bar = make("div", "bar");
+    const fill = make("span", `fill ${kind}`);
+    fill.style.width = `${Math.min(100, ((ms || 0) / scale) * 100).toFixed(1)}%`;
+    bar.append(fill);
+    const text = ms === null ? "—" : `${formatMs(ms)}${live ? "" : " (stored fill)"}`;
+    latency.append(bar, make("span", "ms", text));
+
+    const cache = make("td", "cache");
+    cache.append(make("span", "tag", xCache || "off"));
+    if (info && info.cache) cache.append(make("span", "muted", ` source ${info.cache}`));
+
+    const breaker = breakers ? breakers[name] : undefined;
+    const circuit = make("td", "circuit");
+    if (breaker) {
+      const looks = { closed: "ok", open: "error", half_open: "fallback" }[breaker.circuit];
+      circuit.append(make("span", `badge ${looks || "unknown"}`, breaker.circuit.replace("_", "-")));
+      const notes = [];
+      if (breaker.consecutive_failures && breaker.breaker_failures) {
+        notes.push(`${breaker.consecutive_failures}/${breaker.breaker_failures} failures`);
+      }
+      if (breaker.in_flight) notes.push(`${breaker.in_flight} in flight`);
+      if (notes.length) circuit.append(make("span", "muted", ` ${notes.join(", ")}`));
+    } else {
+      circuit.textContent = "—";
+    }
+
+    const header = make("th", "name", name);
+    header.scope = "row";
+    tr.append(header, statusCell, latency, cache, circuit);
+    return tr;
+  }
+
+  // -- wiring --------------------------------------------------------------------------------
+
+  function start() {
+    const given = new URLSearchParams(location.search);
+    const interval = given.get("refresh");
+    if (interval && ui.interval.querySelector(`option[value="${CSS.escape(interval)}"]`)) {
+      ui.interval.value = interval;
+    }
+    if (given.get("auto") === "off") ui.auto.checked = false;
+    buildAggregates(given.get("aggregate") || "");
+    buildParams(current(), given);
+
+    ui.form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      refresh();
+    });
+    ui.aggregate.addEventListener("change", () => {
+      buildParams(current(), new URLSearchParams());
+      ready();
+    });
+    ui.auto.addEventListener("change", () => (ui.auto.checked ? refresh() : schedule()));
+    ui.interval.addEventListener("change", schedule);
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden && ui.auto.checked) refresh();
+      else schedule();
+    });
+    ready();
+  }
+
+  /** Fetch at once when every required parameter has a value; otherwise say what is missing. */
+  function ready() {
+    const agg = current();
+    if (!agg) {
+      showBanner("info", "No aggregates are configured.");
+      return;
+    }
+    const missing = missingRequired(agg);
+    if (missing.length) {
+      clearTimeout(state.timer);
+      showBanner("info", `Fill in ${missing.join(", ")}, then press "Fetch now".`);
+      return;
+    }
+    refresh();
+  }
+
+  start();
+})();
