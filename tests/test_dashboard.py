@@ -254,3 +254,88 @@ async def test_the_page_shows_every_source_and_a_failing_one_in_red(
 
     if os.environ.get("UPDATE_DASHBOARD_SCREENSHOT"):
         shutil.copyfile(shot, ROOT / "docs" / "dashboard.png")
+
+
+def two_aggregates_config(demo_url: str) -> str:
+    """A required bool, a parameter named like a page control, and a source on its fallback."""
+    return f"""
+[upstreams.echo]
+url = "{demo_url}/echo/second?flag={{flag}}&refresh={{refresh}}"
+
+[upstreams.echo_on]
+url = "{demo_url}/echo/first?on={{on}}"
+
+[upstreams.broken]
+url = "{demo_url}/echo/broken?status=503"
+retries = 0
+fallback = {{ note = "static" }}
+
+[aggregates.first]
+path = "/api/first"
+sources = ["echo_on"]
+params = {{ on = "bool" }}
+
+[aggregates.second]
+path = "/api/second"
+sources = ["echo", "broken"]
+params = {{ flag = "bool", refresh = {{ type = "int", default = 3 }} }}
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+async def test_the_form_follows_each_aggregates_parameters(
+    chromium: str,
+    serve: Callable[..., Server],
+    demo: DemoProcess,
+    write_config: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
+    server = serve(write_config(two_aggregates_config(demo.url)))
+    # `refresh` is a page control and this aggregate's parameter: the page writes it `param:`.
+    url = f"{server.url}/?aggregate=second&flag=yes&param%3Arefresh=9&auto=off"
+
+    async with open_page(chromium, tmp_path) as page:
+        await page.navigate(url)
+        await page.wait_for("document.querySelectorAll('#rows tr').length === 2", timeout=20)
+        rows = {row["name"]: row for row in await page.evaluate(ROWS_JS)}
+        answer = json.loads(await page.evaluate("document.getElementById('answer').textContent"))
+        kept = await page.evaluate("Object.fromEntries(new URLSearchParams(location.search))")
+
+        assert answer["data"]["echo"]["query"] == "flag=true&refresh=9"
+        assert (rows["echo"]["state"], rows["echo"]["status"]) == ("ok", "ok")
+        broken = rows["broken"]
+        assert (broken["state"], broken["status"]) == ("fallback", "http_status")
+        assert broken["badge"] == "rgb(154, 103, 0)"  # --warn: amber, not red
+        assert answer["data"]["broken"] == {"note": "static"}
+        assert kept == {
+            "aggregate": "second",
+            "flag": "true",  # `yes` in the link: the form's spelling from now on
+            "param:refresh": "9",
+            "refresh": "5",
+            "auto": "off",
+        }
+
+        # Another aggregate: its own form; a required bool starts unset, so nothing is fetched
+        # until it is chosen.
+        await page.evaluate(
+            "const s = document.getElementById('aggregate'); s.value = 'first';"
+            "s.dispatchEvent(new Event('change'))"
+        )
+        choices = await page.evaluate(
+            "Array.from(document.querySelectorAll('#params select option')).map(o => o.text)"
+        )
+        banner = await page.evaluate("document.getElementById('banner').textContent")
+        assert choices == ["choose", "true", "false"]
+        assert "Fill in on" in banner
+        await page.evaluate(
+            "document.querySelector('[data-param=on]').value = 'false';"
+            "document.getElementById('query').requestSubmit()"
+        )
+        await page.wait_for(
+            "document.querySelectorAll('#rows tr').length === 1 && "
+            "document.getElementById('answer').textContent.includes('on=false')",
+            timeout=20,
+        )
+        assert await page.evaluate("document.getElementById('banner').hidden") is True
+        assert page.problems() == []

@@ -28,6 +28,10 @@
     answer: byId("answer"),
   };
   const FETCH_TIMEOUT_MS = 30000;
+  // The page's own address holds these controls next to the parameters; a parameter that
+  // shares a control's name is written `param:NAME` there (no parameter name has a colon).
+  const CONTROLS = new Set(["aggregate", "refresh", "auto"]);
+  const pageKey = (name) => (CONTROLS.has(name) ? `param:${name}` : name);
   const state = { timer: null, controller: null, refreshes: 0 };
 
   // -- small DOM helpers (textContent only: nothing from a response is parsed as HTML) -------
@@ -70,9 +74,9 @@
       let input;
       if (spec.type === "bool") {
         input = make("select");
-        const choices = spec.required ? ["true", "false"] : ["", "true", "false"];
-        for (const choice of choices) {
-          const option = make("option", "", choice || `default (${spec.default})`);
+        for (const choice of ["", "true", "false"]) {
+          const empty = spec.required ? "choose" : `default (${spec.default})`;
+          const option = make("option", "", choice || empty);
           option.value = choice;
           input.append(option);
         }
@@ -84,11 +88,21 @@
       }
       input.name = name;
       input.dataset.param = name;
-      const value = given.get(name) ?? agg.example[name];
-      if (value !== undefined && value !== null) input.value = String(value);
+      const value = given.get(pageKey(name)) ?? agg.example[name];
+      if (value !== undefined && value !== null) {
+        input.value = spec.type === "bool" ? boolChoice(value) : String(value);
+      }
       label.append(caption, input);
       ui.params.append(label);
     }
+  }
+
+  /** The select's choice for any spelling the server accepts (`yes`, `1`, `on`...). */
+  function boolChoice(value) {
+    const text = String(value).trim().toLowerCase();
+    if (["true", "1", "yes", "on"].includes(text)) return "true";
+    if (["false", "0", "no", "off"].includes(text)) return "false";
+    return "";
   }
 
   function paramInputs() {
@@ -113,7 +127,7 @@
   /** Keep the page's own URL in step, so a view can be bookmarked or shared. */
   function remember(agg, params) {
     const page = new URLSearchParams({ aggregate: agg.name });
-    for (const [name, value] of params) page.set(name, value);
+    for (const [name, value] of params) page.set(pageKey(name), value);
     page.set("refresh", ui.interval.value);
     if (!ui.auto.checked) page.set("auto", "off");
     history.replaceState(null, "", `?${page}`);
