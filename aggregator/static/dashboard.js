@@ -330,7 +330,11 @@
 
     const cache = make("td", "cache");
     cache.append(make("span", "tag", xCache || "off"));
-    if (info && info.cache) cache.append(make("span", "muted", ` source ${info.cache}`));
+    if (info) {
+      // Absent: the fill did not consult this source's cache (an upstream is looked up only
+      // once this worker has seen it answer cacheably, or it has a cache_ttl).
+      cache.append(make("span", "muted", ` source ${info.cache || "not looked up"}`));
+    }
 
     const breaker = breakers ? breakers[name] : undefined;
     const circuit = make("td", "circuit");
