@@ -150,6 +150,11 @@ class UpstreamConfig(_Strict):
     #: Seconds to reuse a successful answer. Unset: honour the upstream's Cache-Control
     #: (max-age; no-store and private mean never); set: this wins; 0: never cache.
     cache_ttl: float | None = Field(default=None, ge=0, le=86_400)
+    #: Follow 3xx redirects (http/https only; the `headers` are dropped once a hop leaves this
+    #: URL's origin). Off: a redirect is an `http_status` error naming its status.
+    follow_redirects: bool = False
+    #: Hops allowed when following redirects; one more is an `http_status` error.
+    max_redirects: int = Field(default=5, ge=1, le=20)
     # -- resilience (aggregator.resilience; per worker process) --------------------------------
     #: Extra attempts after a connect error or HTTP 502/503/504, within `timeout`.
     retries: int = Field(default=2, ge=0, le=10)

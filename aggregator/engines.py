@@ -16,6 +16,7 @@ import yarl
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
 
+from aggregator.responses import ACCEPT_ENCODING
 from aggregator.settings import Settings
 
 
@@ -133,7 +134,12 @@ def _limits(settings: Settings) -> httpx.Limits:
 def build_client(settings: Settings) -> httpx.AsyncClient:
     """A client on the configured engine with pool limits sized for fan-out concurrency."""
     limits = _limits(settings)
-    kwargs: dict[str, Any] = {"limits": limits, "follow_redirects": False, "trust_env": False}
+    kwargs: dict[str, Any] = {
+        "limits": limits,
+        "follow_redirects": False,  # `aggregator.responses.Redirects` decides, per source
+        "trust_env": False,
+        "headers": {"Accept-Encoding": ACCEPT_ENCODING},
+    }
     if settings.engine == "aiohttp":
         transport = _VerbatimUrlTransport(limits=limits, trust_env=False)
         client: httpx.AsyncClient = HttpxAiohttpClient(transport=transport, **kwargs)
@@ -152,7 +158,11 @@ def build_sync_client(settings: Settings) -> httpx.Client:
     limits = _limits(settings)
     transport = httpx.HTTPTransport(limits=limits, trust_env=False)
     client = httpx.Client(
-        transport=transport, limits=limits, follow_redirects=False, trust_env=False
+        transport=transport,
+        limits=limits,
+        follow_redirects=False,
+        trust_env=False,
+        headers={"Accept-Encoding": ACCEPT_ENCODING},
     )
     client._cookies = _NoCookies()  # shared by every thread: nothing may carry over
     return client

@@ -22,7 +22,6 @@ the cache package, not here.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -33,13 +32,11 @@ from typing import Any
 
 import aiohttp
 import httpx
-from pydantic import ValidationError
 
 from aggregator.cachecontrol import parse_cache_control
 from aggregator.config import ParamValue, UpstreamConfig
 from aggregator.engines import build_client, build_sync_client
 from aggregator.errors import (
-    UpstreamBadStatusError,
     UpstreamError,
     UpstreamInvalidPayloadError,
     UpstreamTimeoutError,
@@ -47,6 +44,13 @@ from aggregator.errors import (
 )
 from aggregator.models import CacheControl, SourceResult
 from aggregator.resilience import UpstreamGuard
+from aggregator.responses import (
+    LimitedBody,
+    Redirects,
+    check_content_type,
+    check_status,
+    decode,
+)
 from aggregator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -114,7 +118,7 @@ async def fetch(
         try:
             async with asyncio.timeout(seconds):
                 body, cache_control = await _get(client, name, url, upstream, max_body)
-            data = _decode(name, upstream, body)
+            data = decode(name, upstream, body)
         except UpstreamError as exc:
             return _failure(name, exc, started)
         except TimeoutError:
@@ -153,7 +157,7 @@ def fetch_sync(
     def attempt(seconds: float) -> SourceResult:
         try:
             body, cache_control = _get_sync(client, name, url, upstream, max_body, seconds)
-            data = _decode(name, upstream, body)
+            data = decode(name, upstream, body)
         except UpstreamError as exc:
             return _failure(name, exc, started)
         return _success(name, data, cache_control, started)
@@ -208,16 +212,21 @@ def _timeouts(upstream: UpstreamConfig, seconds: float | None = None) -> httpx.T
 async def _get(
     client: httpx.AsyncClient, name: str, url: str, upstream: UpstreamConfig, max_body: int
 ) -> tuple[bytes, CacheControl]:
-    """The raw body and caching headers of a 2xx answer (the caller bounds the total time)."""
+    """The decoded body and caching headers of a 2xx answer (the caller bounds the total time)."""
+    redirects = Redirects(name, upstream, url)
+    target: str | httpx.URL = url
     try:
-        async with client.stream(
-            "GET", url, headers=upstream.headers, timeout=_timeouts(upstream)
-        ) as resp:
-            _check_status(name, resp)
-            body = _LimitedBody(name, resp, max_body)
-            async for chunk in resp.aiter_bytes():
-                body.add(chunk)
-            return body.value(), _cache_control(resp)
+        while True:
+            async with client.stream(
+                "GET", target, headers=redirects.headers, timeout=_timeouts(upstream)
+            ) as resp:
+                hop = redirects.next_hop(resp)
+                if hop is None:
+                    body = _accept(name, resp, max_body)
+                    async for chunk in resp.aiter_raw():
+                        body.add(chunk)
+                    return body.value(), _cache_control(resp)
+            target = hop
     except _CALL_ERRORS as exc:
         raise _call_error(name, upstream, exc) from exc
 
@@ -232,21 +241,39 @@ def _get_sync(
 ) -> tuple[bytes, CacheControl]:
     """`_get` for a blocking client; it bounds the total time itself (see `fetch_sync`)."""
     deadline = time.monotonic() + seconds
+    redirects = Redirects(name, upstream, url)
+    target: str | httpx.URL = url
     try:
-        with client.stream(
-            "GET", url, headers=upstream.headers, timeout=_timeouts(upstream, seconds)
-        ) as resp:
-            _check_status(name, resp)
-            body = _LimitedBody(name, resp, max_body)
-            for chunk in resp.iter_bytes():
-                if time.monotonic() > deadline:
-                    raise _cut_off(name, upstream)
-                body.add(chunk)
-            if time.monotonic() > deadline:  # connect and headers alone may take that long
+        while True:
+            with client.stream(
+                "GET", target, headers=redirects.headers, timeout=_timeouts(upstream, seconds)
+            ) as resp:
+                hop = redirects.next_hop(resp)
+                if hop is None:
+                    body = _accept(name, resp, max_body)
+                    for chunk in resp.iter_raw():
+                        if time.monotonic() > deadline:
+                            raise _cut_off(name, upstream)
+                        body.add(chunk)
+                    if time.monotonic() > deadline:  # connect and headers alone may take that long
+                        raise _cut_off(name, upstream)
+                    return body.value(), _cache_control(resp)
+            if time.monotonic() > deadline:
                 raise _cut_off(name, upstream)
-            return body.value(), _cache_control(resp)
+            target = hop
     except _CALL_ERRORS as exc:
         raise _call_error(name, upstream, exc) from exc
+
+
+def _accept(name: str, resp: httpx.Response, max_body: int) -> LimitedBody:
+    """Check a final answer's status and type, then get ready for its body.
+
+    The body is read raw (`aiter_raw`): `LimitedBody` decodes it, so the size limit holds for the
+    decoded bytes without ever inflating more than that.
+    """
+    check_status(name, resp)
+    check_content_type(name, resp)
+    return LimitedBody(name, resp, max_body)
 
 
 # What a call may raise besides our own errors. aiohttp errors that httpx-aiohttp does not map
@@ -269,66 +296,8 @@ def _cut_off(name: str, upstream: UpstreamConfig) -> UpstreamTimeoutError:
     return UpstreamTimeoutError(name, f"no full answer within {upstream.timeout:g} s")
 
 
-def _check_status(name: str, resp: httpx.Response) -> None:
-    if not resp.is_success:
-        raise UpstreamBadStatusError(
-            name, f"answered HTTP {resp.status_code}", status=resp.status_code
-        )
-
-
 def _cache_control(resp: httpx.Response) -> CacheControl:
     return parse_cache_control(resp.headers.get("cache-control"), resp.headers.get("age"))
-
-
-class _LimitedBody:
-    """The decoded body, collected chunk by chunk; refused as soon as it passes the limit."""
-
-    def __init__(self, name: str, resp: httpx.Response, max_body: int) -> None:
-        self._name = name
-        self._max = max_body
-        self._chunks: list[bytes] = []
-        self._size = 0
-        declared = resp.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body:
-            raise _too_large(name, max_body)
-
-    def add(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._size > self._max:
-            raise _too_large(self._name, self._max)
-        self._chunks.append(chunk)
-
-    def value(self) -> bytes:
-        return b"".join(self._chunks)
-
-
-def _decode(name: str, upstream: UpstreamConfig, body: bytes) -> Any:
-    """JSON, validated by the upstream's model when it has one."""
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        raise UpstreamInvalidPayloadError(
-            name, "the body is not valid JSON", kind="invalid_json"
-        ) from None
-    model = upstream.model
-    if model is None:
-        return payload
-    try:
-        return model.model_validate(payload).model_dump(mode="json")
-    except ValidationError as exc:
-        locations = [".".join(str(p) for p in e["loc"]) or "(root)" for e in exc.errors()]
-        raise UpstreamInvalidPayloadError(
-            name,
-            f"the payload does not match {model.__name__} ({exc.error_count()} errors)",
-            kind="validation",
-            locations=locations,
-        ) from None
-
-
-def _too_large(name: str, max_body: int) -> UpstreamInvalidPayloadError:
-    return UpstreamInvalidPayloadError(
-        name, f"the body is larger than {max_body} bytes", kind="too_large"
-    )
 
 
 def _is_aiohttp_disconnect(exc: BaseException) -> bool:

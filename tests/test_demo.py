@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import signal
 import time
@@ -125,6 +126,31 @@ async def test_cc_knob_sets_cache_control_verbatim(client: Client) -> None:
     assert dripped.headers["Cache-Control"] == "private"
     assert Weather.model_validate_json(await dripped.read()).city == "Paris"
     assert broken.status == 400 and (await broken.json())["knob"] == "cc"
+
+
+async def test_hostile_knobs(client: Client) -> None:
+    """redirect, gzip, ctype and depth play the hostile upstreams of the fault tests."""
+    moved = await client.get("/weather/Paris?redirect=ftp%3A%2F%2Fx%2Fy", allow_redirects=False)
+    assert moved.status == 302 and moved.headers["Location"] == "ftp://x/y"
+    permanent = await client.get("/news?redirect=%2Fnews&status=308", allow_redirects=False)
+    assert permanent.status == 308 and permanent.headers["Location"] == "/news"
+    not_a_redirect = await client.get("/news?redirect=%2Fnews&status=200")
+    assert not_a_redirect.status == 400 and (await not_a_redirect.json())["knob"] == "status"
+
+    packed = await client.get("/weather/Paris?gzip=1", auto_decompress=False)
+    assert packed.headers["Content-Encoding"] == "gzip"
+    assert Weather.model_validate_json(gzip.decompress(await packed.read())).city == "Paris"
+    # a bomb: 64 MiB of padding inflate from well under 1 MiB sent
+    bomb = await client.get(f"/weather/Paris?gzip=1&size={64 << 20}", auto_decompress=False)
+    raw = await bomb.read()
+    assert len(raw) < 1 << 20 and len(gzip.decompress(raw)) == 64 << 20
+
+    typed = await client.get("/weather/Paris?ctype=text%2Fplain")
+    assert typed.headers["Content-Type"] == "text/plain"
+    assert Weather.model_validate_json(await typed.read()).city == "Paris"
+
+    deep = await client.get("/weather/Paris?depth=3")
+    assert await deep.read() == b"[[[]]]"
 
 
 async def test_delay_and_size(client: Client) -> None:

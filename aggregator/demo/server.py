@@ -3,8 +3,11 @@
 Per-request knobs in the query string shape each answer:
 `delay=S` and `jitter=S` (seconds before answering), `fail=P` (chance of a 503), `status=N`
 (answer HTTP N), `drip=S` (send the body over S seconds), `size=N` (pad the body to N bytes),
-`invalid=1` (cut JSON), `html=1` (an HTML page), `shape=wrong` (JSON of the wrong shape), and
-`cc=VALUE` (send `Cache-Control: VALUE` verbatim, e.g. `cc=max-age%3D60`).
+`invalid=1` (cut JSON), `html=1` (an HTML page), `shape=wrong` (JSON of the wrong shape),
+`cc=VALUE` (send `Cache-Control: VALUE` verbatim, e.g. `cc=max-age%3D60`), and the hostile ones:
+`redirect=LOCATION` (answer `status` (default 302) with that `Location`, verbatim), `gzip=1`
+(gzip the body as it streams: with `size=1073741824` a 1 GiB bomb of ~1 MiB), `ctype=VALUE`
+(that Content-Type on a JSON body) and `depth=N` (a body of N nested JSON arrays).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import math
 import random
 import signal
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -91,6 +95,10 @@ class _RequestKnobs:
     html: bool = False
     wrong_shape: bool = False
     cache_control: str | None = None
+    redirect: str | None = None
+    gzip: bool = False
+    content_type: str = "application/json"
+    depth: int = 0
 
 
 class _BadKnob(ValueError):
@@ -313,17 +321,25 @@ def _parse_knobs(query: Mapping[str, str], defaults: Knobs) -> _RequestKnobs:
     shape = query.get("shape")
     if shape not in (None, "wrong", "ok"):
         raise _BadKnob("shape", f"{shape!r} is not 'wrong' or 'ok'")
+    status = _integer(query, "status", 200, 599)
+    redirect = _header_value(query, "redirect")
+    if redirect is not None and status is not None and not 300 <= status <= 399:
+        raise _BadKnob("status", f"{status} is not a redirect status (with redirect=)")
     return _RequestKnobs(
         delay=delay,
         jitter=jitter,
         fail=fail,
-        status=_integer(query, "status", 200, 599),
+        status=status,
         drip=_number(query, "drip", 0.0, 3600.0),
         size=_integer(query, "size", 0, 2**31) or 0,
         invalid=_flag(query, "invalid"),
         html=_flag(query, "html"),
         wrong_shape=shape == "wrong",
         cache_control=_header_value(query, "cc"),
+        redirect=redirect,
+        gzip=_flag(query, "gzip"),
+        content_type=_header_value(query, "ctype") or "application/json",
+        depth=_integer(query, "depth", 1, 1_000_000) or 0,
     )
 
 
@@ -365,10 +381,18 @@ async def _send(
     size: int,
     drip: float,
     headers: Mapping[str, str] | None = None,
+    *,
+    content_type: str = "application/json",
+    compress: bool = False,
 ) -> web.StreamResponse:
-    """Send a JSON body, padded to size bytes and/or dripped over drip seconds, without copies."""
-    if size <= len(body) and drip <= 0:
-        return web.Response(body=body, content_type="application/json", headers=headers)
+    """Send a JSON body, padded to size bytes and/or dripped over drip seconds, without copies.
+
+    With `compress` the body is gzipped part by part as it is sent, so a huge padded body (a
+    gzip bomb) costs the demo only what the client actually reads.
+    """
+    headers = {**(headers or {}), "Content-Type": content_type}
+    if size <= len(body) and drip <= 0 and not compress:
+        return web.Response(body=body, headers=headers)
     if size > len(body):
         pad = max(0, size - len(body) + 1 - len(_PAD_OPEN) - len(_PAD_CLOSE))
         full, rest = divmod(pad, _CHUNK)
@@ -377,14 +401,18 @@ async def _send(
         total = len(head[0]) + pad + len(_PAD_CLOSE)
     else:
         parts, total = [body], len(body)
-    response = web.StreamResponse(headers={**(headers or {}), "Content-Type": "application/json"})
-    response.content_length = total
-    await response.prepare(request)
+    response = web.StreamResponse(headers=headers)
     pause = 0.0
     if drip > 0:
         per_chunk = max(1, math.ceil(total / max(1, math.ceil(drip / _DRIP_TICK))))
         parts = _rechunk(parts, per_chunk)
         pause = drip / math.ceil(total / per_chunk)
+    if compress:
+        response.headers["Content-Encoding"] = "gzip"
+        parts = _gzipped(parts, flush_each=pause > 0)
+    else:
+        response.content_length = total
+    await response.prepare(request)
     try:
         for part in parts:
             if pause:
@@ -395,6 +423,25 @@ async def _send(
     except ConnectionResetError:
         pass  # the client gave up on a slow body; that is the point of the drip knob
     return response
+
+
+def _gzipped(parts: Iterable[bytes], *, flush_each: bool) -> Iterator[bytes]:
+    """gzip a byte stream lazily; `flush_each` makes every part decodable as it arrives."""
+    packer = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    for part in parts:
+        yield packer.compress(part) + (packer.flush(zlib.Z_SYNC_FLUSH) if flush_each else b"")
+    yield packer.flush()
+
+
+def _redirect(status: int | None, location: str, headers: Mapping[str, str]) -> web.Response:
+    """A redirect to the knob's value, verbatim (relative, another origin, any scheme)."""
+    code = status or 302
+    body = json.dumps({"redirect": code}).encode()
+    return web.Response(
+        status=code,
+        body=body,
+        headers={**headers, "Location": location, "Content-Type": "application/json"},
+    )
 
 
 async def _serve(
@@ -417,6 +464,8 @@ async def _serve(
         if delay > 0:
             await asyncio.sleep(delay)
         headers = {} if knobs.cache_control is None else {"Cache-Control": knobs.cache_control}
+        if knobs.redirect is not None:
+            return _redirect(knobs.status, knobs.redirect, headers)
         if knobs.status is not None:
             failure = _error(knobs.status, service, f"status {knobs.status} forced by knob")
             return _with_headers(failure, headers)
@@ -425,10 +474,21 @@ async def _serve(
         if knobs.html:
             return web.Response(body=_HTML, content_type="text/html", headers=headers)
         if knobs.invalid:
-            return await _send(request, body[: len(body) // 2], 0, knobs.drip, headers)
-        if knobs.wrong_shape:
+            body = body[: len(body) // 2]
+        elif knobs.wrong_shape:
             body = json.dumps(_WRONG_SHAPES[service]).encode()
-        return await _send(request, body, knobs.size, knobs.drip, headers)
+        elif knobs.depth:
+            body = b"[" * knobs.depth + b"]" * knobs.depth
+        size = 0 if knobs.invalid or knobs.depth else knobs.size
+        return await _send(
+            request,
+            body,
+            size,
+            knobs.drip,
+            headers,
+            content_type=knobs.content_type,
+            compress=knobs.gzip,
+        )
     finally:
         stats.in_flight -= 1
 
