@@ -123,6 +123,37 @@ class _NoCookies(httpx.Cookies):
         return None
 
 
+class _NoRedirectCrash(httpx._client.BaseClient):
+    """httpx's client, minus the crash on a malformed `Location` in a redirect it won't follow.
+
+    Even with `follow_redirects=False` httpx builds the next request of every 3xx (for
+    `response.next_request`), and a `Location` such as `javascript:alert(1)` makes that raise
+    `InvalidURL` out of `send`: an upstream could turn a call into an exception instead of a
+    result (httpx 0.28.1). We never use `next_request` (`aggregator.responses.Redirects` judges
+    the Location itself), so an unbuildable one is left pointing at the request that got it.
+    """
+
+    def _build_redirect_request(
+        self, request: httpx.Request, response: httpx.Response
+    ) -> httpx.Request:
+        try:
+            return super()._build_redirect_request(request, response)
+        except (httpx.InvalidURL, httpx.RemoteProtocolError):
+            return request
+
+
+class _AsyncClient(_NoRedirectCrash, httpx.AsyncClient):
+    """httpx's async client on its own engine (httpcore), with the fix above."""
+
+
+class _AiohttpClient(_NoRedirectCrash, HttpxAiohttpClient):
+    """httpx's async client on aiohttp's engine, with the fix above."""
+
+
+class _SyncClient(_NoRedirectCrash, httpx.Client):
+    """httpx's blocking client, with the fix above."""
+
+
 def _limits(settings: Settings) -> httpx.Limits:
     return httpx.Limits(
         max_connections=settings.pool_max_connections,
@@ -142,9 +173,9 @@ def build_client(settings: Settings) -> httpx.AsyncClient:
     }
     if settings.engine == "aiohttp":
         transport = _VerbatimUrlTransport(limits=limits, trust_env=False)
-        client: httpx.AsyncClient = HttpxAiohttpClient(transport=transport, **kwargs)
+        client: httpx.AsyncClient = _AiohttpClient(transport=transport, **kwargs)
     else:
-        client = httpx.AsyncClient(transport=_httpx_transport(limits), **kwargs)
+        client = _AsyncClient(transport=_httpx_transport(limits), **kwargs)
     client._cookies = _NoCookies()  # the public setter would copy into a normal jar
     return client
 
@@ -157,7 +188,7 @@ def build_sync_client(settings: Settings) -> httpx.Client:
     """
     limits = _limits(settings)
     transport = httpx.HTTPTransport(limits=limits, trust_env=False)
-    client = httpx.Client(
+    client = _SyncClient(
         transport=transport,
         limits=limits,
         follow_redirects=False,

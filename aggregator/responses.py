@@ -94,6 +94,8 @@ class Redirects:
             self._refuse(status, "a redirect to an unusable URL")
         if target.scheme not in _DEFAULT_PORTS:
             self._refuse(status, "a redirect to a non-HTTP(S) URL, refused")
+        if not target.host or not 0 < (target.port or 80) < 65536:
+            self._refuse(status, "a redirect to an unusable URL")  # yarl would raise ValueError
         if self._left <= 0:
             self._refuse(status, f"more than {self._upstream.max_redirects} redirects")
         self._left -= 1
