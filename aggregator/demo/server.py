@@ -61,6 +61,7 @@ _PAD_CHUNK = b"x" * _CHUNK
 _PAD_OPEN = b', "padding": "'
 _PAD_CLOSE = b'"}'
 _DRIP_TICK = 0.05
+_GZIP_WRITE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -426,11 +427,21 @@ async def _send(
 
 
 def _gzipped(parts: Iterable[bytes], *, flush_each: bool) -> Iterator[bytes]:
-    """gzip a byte stream lazily; `flush_each` makes every part decodable as it arrives."""
+    """gzip a byte stream lazily; `flush_each` makes every part decodable as it arrives.
+
+    Otherwise output goes out in pieces of at least 64 KiB, as a bomb served from a file would:
+    each network read then holds a lot of compressed data (~64 MiB of padding), not a trickle.
+    """
     packer = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    pending = bytearray()
     for part in parts:
-        yield packer.compress(part) + (packer.flush(zlib.Z_SYNC_FLUSH) if flush_each else b"")
-    yield packer.flush()
+        pending += packer.compress(part)
+        if flush_each:
+            pending += packer.flush(zlib.Z_SYNC_FLUSH)
+        if flush_each or len(pending) >= _GZIP_WRITE:
+            yield bytes(pending)
+            pending.clear()
+    yield bytes(pending + packer.flush())
 
 
 def _redirect(status: int | None, location: str, headers: Mapping[str, str]) -> web.Response:
