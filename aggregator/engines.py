@@ -7,6 +7,7 @@ by a test that fails without it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -197,3 +198,40 @@ def build_sync_client(settings: Settings) -> httpx.Client:
     )
     client._cookies = _NoCookies()  # shared by every thread: nothing may carry over
     return client
+
+
+@dataclass(frozen=True, slots=True)
+class PoolUsage:
+    """What a client's connection pool holds right now (for /readyz and leak tests)."""
+
+    #: Connections serving a request (connecting, sending or reading).
+    in_use: int
+    #: Open connections kept for reuse.
+    idle: int
+    #: Requests waiting for a connection.
+    waiting: int
+
+
+def pool_usage(client: httpx.AsyncClient) -> PoolUsage:
+    """Count the pool's connections by state, on either engine (reads their private state).
+
+    After every request has ended, `in_use` and `waiting` must be 0 whatever happened to the
+    calls (deadlines, cancellations, bodies cut short); a leaked connection stays `in_use`.
+    """
+    transport = client._transport
+    if isinstance(transport, httpx.AsyncHTTPTransport):
+        pool = transport._pool
+        conns = pool.connections
+        idle = sum(1 for c in conns if c.is_idle())
+        in_use = sum(1 for c in conns if not (c.is_idle() or c.is_closed()))
+        waiting = sum(1 for r in pool._requests if r.connection is None)
+        return PoolUsage(in_use=in_use, idle=idle, waiting=waiting)
+    session = getattr(transport, "client", None)
+    connector = session.connector if isinstance(session, aiohttp.ClientSession) else None
+    if not isinstance(connector, aiohttp.BaseConnector):
+        return PoolUsage(in_use=0, idle=0, waiting=0)  # no request yet: no session either
+    return PoolUsage(
+        in_use=len(connector._acquired),
+        idle=sum(len(kept) for kept in connector._conns.values()),
+        waiting=sum(len(queue) for queue in connector._waiters.values()),
+    )

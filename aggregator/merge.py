@@ -8,10 +8,12 @@ from aggregator.models import Envelope, SourceError, SourceInfo, SourceResult
 
 
 def merge(results: Mapping[str, SourceResult], required: Sequence[str]) -> tuple[Envelope, int]:
-    """Build the envelope; the status is 502/504 only when a required source failed.
+    """Build the envelope; the status is 502/504 when a required source failed, or every one did.
 
     A failed source served from its fallback has data, stays in `errors` (so the answer is not
-    complete) and is flagged in `sources`; it does not fail the answer.
+    complete) and is flagged in `sources`; it does not fail the answer. When no source has data
+    there is no partial answer to give: every source then counts as required (a 200 with
+    nothing in it would hide an outage from dashboards and from stale-if-error).
     """
     data = {name: r.data for name, r in results.items() if r.ok or r.fallback}
     errors = {
@@ -33,6 +35,8 @@ def merge(results: Mapping[str, SourceResult], required: Sequence[str]) -> tuple
 
 
 def _status(results: Mapping[str, SourceResult], required: Sequence[str]) -> int:
+    if not required and results and not any(r.ok or r.fallback for r in results.values()):
+        required = list(results)  # (with required sources, they alone choose 502 or 504)
     failed = [
         r for name in required if (r := results.get(name)) is not None and not (r.ok or r.fallback)
     ]

@@ -64,8 +64,9 @@ def build_openapi(
                 "One request becomes concurrent calls to slow upstreams, merged into one "
                 "envelope: `data` per source that answered, `errors` per source that did not, "
                 "`sources` with status and ms for every source, `complete`. 200 for complete "
-                "or partial answers; 502/504 when a required source failed or was cut off by "
-                "the deadline (the envelope still says what arrived)."
+                "or partial answers; 502/504 when a required source (or, with none required, "
+                "every source) failed or was cut off by the deadline (the envelope still says "
+                "what arrived)."
             ),
         },
         "tags": [
@@ -337,12 +338,13 @@ def _aggregate_operation(config: AppConfig, name: str, agg: AggregateConfig) -> 
             "400": _error(400),
             "413": _error(413),
             "502": _json_response(
-                "A required source failed; the envelope says what arrived.",
+                "A required source failed, or every source did; the envelope says what arrived.",
                 envelope,
                 headers=_envelope_headers(cached=True),
             ),
             "504": _json_response(
-                "The deadline cut off a required source; the envelope says what arrived.",
+                "The deadline cut off a required source (or, every source having failed, one of "
+                "them); the envelope says what arrived.",
                 envelope,
                 headers=_envelope_headers(cached=True),
             ),
@@ -366,7 +368,9 @@ def _twin_operation(name: str, agg: AggregateConfig, prefix: str) -> JSONDict:
             "200": _json_response("As the aggregate.", envelope, headers=headers),
             "400": _error(400),
             "413": _error(413),
-            "502": _json_response("A required source failed.", envelope, headers=headers),
+            "502": _json_response(
+                "A required source failed, or every source did.", envelope, headers=headers
+            ),
             "504": _json_response("The deadline cut off a required source.", envelope),
         },
     }

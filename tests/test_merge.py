@@ -88,7 +88,18 @@ def test_partial_when_an_optional_source_fails() -> None:
             502,
             id="optional-deadline-does-not-make-504",
         ),
-        pytest.param([failed("a", "timeout"), failed("b", "timeout")], [], 200, id="all-optional"),
+        pytest.param([failed("a", "timeout"), ok("b")], [], 200, id="optional-failed"),
+        # nothing arrived: no partial answer to give, whatever was required
+        pytest.param([failed("a", "timeout"), failed("b", "connect")], [], 502, id="all-failed"),
+        pytest.param(
+            [failed("a", "timeout"), failed("b", "deadline")], [], 504, id="all-failed-deadline"
+        ),
+        pytest.param(
+            [failed("a", "timeout"), failed("b", "timeout", fallback=True)],
+            [],
+            200,
+            id="all-failed-one-fallback",
+        ),
     ],
 )
 def test_status(items: list[SourceResult], required: list[str], expected: int) -> None:

@@ -4,9 +4,11 @@ They answer different questions, so they fail for different reasons. `/healthz` 
 serves HTTP at all and touches nothing else: restarting a worker because Redis or an upstream is
 down would not fix either. `/readyz` says this worker can do its job now: its config is loaded,
 the shared upstream client is open on the server loop (the lifespan ran and has not shut down),
-and the cache backend answers a ping. Take a worker out of rotation on 503, never restart it for
-one. Upstreams themselves are not probed: a dead optional source is a partial answer, not an
-unready worker, and probing N upstreams per check would multiply their load.
+and the cache backend answers a ping. The client's detail counts its pool's connections (in use,
+idle, waiting): with no request in flight, a connection still in use is a leak. Take a worker
+out of rotation on 503, never restart it for one. Upstreams themselves are not probed: a dead
+optional source is a partial answer, not an unready worker, and probing N upstreams per check
+would multiply their load.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from flask import Blueprint, Response, current_app, jsonify
 
 from aggregator.cache import AggregateCache, CacheUnavailableError
 from aggregator.config import AppConfig
+from aggregator.engines import pool_usage
 from aggregator.settings import Settings
 from aggregator.upstream import shared_client
 from aggregator.views.errors import error_response
@@ -65,7 +68,11 @@ def _check_client() -> _Check:
         return False, "not open on this event loop (the ASGI lifespan startup has not run)"
     if client.is_closed:
         return False, "closed (the server is shutting down)"
-    return True, "open"
+    pool = pool_usage(client)
+    return True, (
+        f"open; upstream connections: {pool.in_use} in use, {pool.idle} idle, "
+        f"{pool.waiting} waiting"
+    )
 
 
 async def _check_cache() -> _Check:
