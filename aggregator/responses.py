@@ -73,7 +73,8 @@ class Redirects:
     def __init__(self, name: str, upstream: UpstreamConfig, url: str) -> None:
         self._name = name
         self._upstream = upstream
-        self._origin = _origin(httpx.URL(url))
+        self._url = url  # parsed only if a redirect comes: most calls never see one
+        self._origin: tuple[str, str, int | None] | None = None
         self._left = upstream.max_redirects
         #: Headers for the next request: the source's own until the chain leaves its origin.
         self.headers: Mapping[str, str] = upstream.headers
@@ -99,6 +100,8 @@ class Redirects:
         if self._left <= 0:
             self._refuse(status, f"more than {self._upstream.max_redirects} redirects")
         self._left -= 1
+        if self._origin is None:
+            self._origin = _origin(httpx.URL(self._url))
         if _origin(target) != self._origin:
             self.headers = {}  # and never back: the next origin chose where we go from here
         return target

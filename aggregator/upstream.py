@@ -11,8 +11,9 @@ outlives `timeout=`), so the whole call runs under `asyncio.timeout`.
 
 `fetch_sync` is the same call for plain `def` views (the sync twins, a benchmark comparison) on
 one lazily built `httpx.Client` per worker (`SyncClient`). Both share every step that does not
-wait (status check, size limit, JSON, validation, error translation), so a failure maps to the
-same kind whichever style made the call.
+wait (redirects, status and type checks, decoded size limit, JSON, validation: all in
+`aggregator.responses`; error translation here), so a failure maps to the same kind whichever
+style made the call.
 
 A successful result also carries what the upstream said about caching it (`Cache-Control` and
 `Age`, parsed by `parse_cache_control`); what that means for how long to keep it is decided in
