@@ -6,8 +6,9 @@ Nothing here ever puts upstream text (body, Location, header values) into an err
 details reach the client, and an upstream's error page may hold what it should not.
 
 - Redirects are an error (`http_status`) unless the source sets `follow_redirects`; then at most
-  `max_redirects` hops, http(s) only, and once a hop leaves the configured origin the source's
-  headers (its credentials) are dropped for the rest of the chain.
+  `max_redirects` hops, http(s) only, and once a hop leaves the configured origin the request's
+  headers (the source's credentials, anything forwarded) are dropped for the rest of the chain,
+  but for `X-Request-ID`.
 - The size limit applies to the *decoded* body. httpx decodes each network chunk whole (64 KiB
   of gzip can inflate to 64 MiB), so the raw bytes are inflated here with zlib's `max_length`:
   at most the limit plus one byte is ever produced, whatever the compression ratio.
@@ -39,6 +40,8 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: What we advertise: exactly what `_Inflater` decodes (httpx would add br/zstd when installed).
 ACCEPT_ENCODING = "gzip, deflate"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+#: Headers a hop to another origin may still carry: they identify the call, not the caller.
+_ANY_ORIGIN = frozenset({"x-request-id"})
 _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]{1,64}/[a-z0-9!#$&^_.+-]{1,64}")
 
 
@@ -70,14 +73,21 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
 class Redirects:
     """One call's redirect chain: whether to follow the next hop, where to, with which headers."""
 
-    def __init__(self, name: str, upstream: UpstreamConfig, url: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        upstream: UpstreamConfig,
+        url: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self._name = name
         self._upstream = upstream
         self._url = url  # parsed only if a redirect comes: most calls never see one
         self._origin: tuple[str, str, int | None] | None = None
         self._left = upstream.max_redirects
-        #: Headers for the next request: the source's own until the chain leaves its origin.
-        self.headers: Mapping[str, str] = upstream.headers
+        #: Headers for the next request (default: the source's `headers`), all of them until the
+        #: chain leaves the configured origin, then only those safe anywhere.
+        self.headers: Mapping[str, str] = upstream.headers if headers is None else headers
 
     def next_hop(self, resp: httpx.Response) -> httpx.URL | None:
         """The URL to request next, None when `resp` is not a redirect; refusals raise."""
@@ -103,7 +113,8 @@ class Redirects:
         if self._origin is None:
             self._origin = _origin(httpx.URL(self._url))
         if _origin(target) != self._origin:
-            self.headers = {}  # and never back: the next origin chose where we go from here
+            # and never back: the other origin chose where the chain goes from here
+            self.headers = {k: v for k, v in self.headers.items() if k.lower() in _ANY_ORIGIN}
         return target
 
     def _refuse(self, status: int, why: str) -> NoReturn:

@@ -42,7 +42,7 @@ async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncCli
 
 
 def upstream(url: str, **extra: Any) -> UpstreamConfig:
-    return UpstreamConfig.model_validate({"url": url, "headers": HEADERS, **extra})
+    return UpstreamConfig.model_validate({"url": url, "headers": HEADERS} | extra)
 
 
 def moved(origin: str, location: str, status: int = 302) -> str:
@@ -101,6 +101,22 @@ async def test_a_hop_to_another_origin_never_carries_the_source_headers(
     assert result.data["path"] == "/echo/x"  # it did reach the other origin
     assert "authorization" not in headers and "x-api-key" not in headers
     assert SECRET not in repr(result.data)
+
+
+async def test_a_request_id_still_crosses_origins(
+    client: httpx.AsyncClient, demo: DemoProcess, other: DemoProcess
+) -> None:
+    config = upstream(
+        moved(demo.url, f"{other.url}/echo/x"),
+        follow_redirects=True,
+        headers={**HEADERS, "X-Request-ID": "req-42"},
+    )
+
+    result = await fetch(client, "r", config, {}, max_body=10_000)
+
+    headers = received(result)
+    assert headers["x-request-id"] == "req-42"  # names the call, not the caller
+    assert "authorization" not in headers and "x-api-key" not in headers
 
 
 async def test_headers_stay_dropped_when_the_chain_comes_back(
