@@ -6,11 +6,13 @@ import sys
 
 from pydantic import ValidationError
 
+from aggregator import metrics
 from aggregator.adapter import AggregatorFlask, ASGIAdapter
 from aggregator.config import AppConfig, load_config
 from aggregator.errors import ConfigError
 from aggregator.settings import Settings
 from aggregator.views import admin, aggregates, dashboard, docs, errors, health, status, sync
+from aggregator.views import metrics as metrics_view
 
 
 def create_app(
@@ -25,7 +27,9 @@ def create_app(
     app.extensions["aggregator.settings"] = settings
     app.extensions["aggregator.config"] = config
     errors.init_app(app)
+    metrics.init_app(app, settings, config)  # first: the cache, guards and adapter record into it
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics_view.bp)
     app.register_blueprint(admin.bp)
     aggregates.register(app, settings, config)
     sync.register(app, settings, config)

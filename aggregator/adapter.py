@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -40,6 +41,7 @@ from asgiref.wsgi import WsgiToAsgi, WsgiToAsgiInstance
 from flask import Flask
 
 from aggregator import upstream
+from aggregator.metrics import CLIENT_LEFT, OFF, Recorder
 from aggregator.runtime import tune_gc
 from aggregator.settings import Settings
 
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from hypercorn.typing import (
         ASGIReceiveCallable,
         ASGISendCallable,
+        ASGISendEvent,
         HTTPScope,
         LifespanScope,
         Scope,
@@ -186,6 +189,9 @@ class ASGIAdapter:
         self.app = app
         self.settings = settings
         self.mode = settings.mode
+        # Aggregate path -> its request metrics; empty when metrics are off (one dict miss).
+        recorder: Recorder = app.extensions.get("aggregator.metrics", OFF)
+        self._timed = recorder.routes()
         self._request_pool: ThreadPoolExecutor | None = None
         self._serial: Callable[..., Awaitable[None]] | None = None
         if self.mode == "threads":
@@ -200,10 +206,18 @@ class ASGIAdapter:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         if scope["type"] == "http":
-            if self._serial is not None:
-                await self._serial(scope, receive, send)
-            else:
-                await self._http(scope, receive, send)
+            timed = self._timed.get(scope["path"])  # an aggregate, when metrics are recorded
+            if timed is None:
+                await self._serve_http(scope, receive, send)
+                return
+            # Counted here, around everything, so fast-path hits, 304s, 400s and 413s are too.
+            started = time.perf_counter()
+            timed.start()
+            status = 500  # what Hypercorn answers when an exception escapes
+            try:
+                status = await self._serve_http(scope, receive, send)
+            finally:
+                timed.done(status, time.perf_counter() - started)
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         else:  # websocket: refuse the handshake (Hypercorn answers 403)
@@ -259,9 +273,25 @@ class ASGIAdapter:
 
     # -- http -----------------------------------------------------------------------------
 
+    async def _serve_http(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> int:
+        """Answer one request; the status sent (CLIENT_LEFT when the client went first)."""
+        if self._serial is None:
+            return await self._http(scope, receive, send)
+        sent = [CLIENT_LEFT]
+
+        async def send_noting_status(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.start":
+                sent[0] = message["status"]
+            await send(message)
+
+        await self._serial(scope, receive, send_noting_status)
+        return sent[0]
+
     async def _http(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
+    ) -> int:
         hint: Any = None
         fast_path = self.app.extensions.get("aggregator.fast_path")
         if fast_path is not None and scope["method"] in ("GET", "HEAD"):
@@ -274,10 +304,11 @@ class ASGIAdapter:
             )
             if answer is not None:
                 await _send_answer(send, answer, head=scope["method"] == "HEAD")
-                return
+                sent: int = answer.status
+                return sent
         body = await self._read_body(scope, receive, send)
-        if body is None:
-            return
+        if isinstance(body, int):
+            return body
         environ = self._environ(scope, body)
         if hint is not None:
             environ["aggregator.hint"] = hint
@@ -297,33 +328,34 @@ class ASGIAdapter:
             if not disconnected.is_set():
                 raise
             task.uncancel()  # the client left: nobody to answer, and that is not an error
-            return
+            return CLIENT_LEFT
         finally:
             watcher.cancel()
         status, headers, payload = response
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload, "more_body": False})
+        return status
 
     async def _read_body(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> bytes | None:
-        """The whole request body, or None after answering 413 (or if the client left)."""
+    ) -> bytes | int:
+        """The whole request body, or the status that ended the request (413, CLIENT_LEFT)."""
         limit = self.settings.max_request_body
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await _send_too_large(send, limit)
-                return None
+                return 413
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return None
+                return CLIENT_LEFT
             chunk = cast(bytes, message.get("body", b""))
             size += len(chunk)
             if size > limit:
                 await _send_too_large(send, limit)
-                return None
+                return 413
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

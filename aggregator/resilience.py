@@ -63,6 +63,7 @@ Clock = Callable[[], float]
 AsyncAttempt = Callable[[float], Awaitable[SourceResult]]
 SyncAttempt = Callable[[float], SourceResult]
 BreakerState = Literal["closed", "open", "half_open"]
+StateListener = Callable[[BreakerState], None]
 
 #: Statuses a new attempt can fix (gateway trouble, a restarting or overloaded upstream).
 RETRIABLE_STATUSES = frozenset({502, 503, 504})
@@ -158,13 +159,23 @@ _PROBE = Permit(probe=True)
 class CircuitBreaker:
     """closed -> (`failures` consecutive failures) -> open -> (`cooldown`) -> half-open probe.
 
-    `failures=0` disables it (always closed).
+    `failures=0` disables it (always closed). `on_change` hears every state change, under the
+    breaker's lock (it must be quick and must not call back into the breaker): the metrics'
+    circuit gauge.
     """
 
-    def __init__(self, failures: int, cooldown: float, *, clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        failures: int,
+        cooldown: float,
+        *,
+        clock: Clock = time.monotonic,
+        on_change: StateListener | None = None,
+    ) -> None:
         self.failures = failures
         self.cooldown = cooldown
         self._clock = clock
+        self._on_change = on_change
         self._lock = threading.Lock()
         self._state: BreakerState = "closed"
         self._consecutive = 0
@@ -188,7 +199,7 @@ class CircuitBreaker:
             if self._state == "open":
                 if self._clock() - self._opened_at < self.cooldown:
                     return None
-                self._state = "half_open"
+                self._set("half_open")
             if self._probing:
                 return None
             self._probing = True
@@ -201,14 +212,20 @@ class CircuitBreaker:
                 self._probing = False
             if not failed:
                 self._consecutive = 0
-                self._state = "closed"
+                if self._state != "closed":
+                    self._set("closed")
                 return
             self._consecutive += 1
             reopen = self._state == "half_open" and permit.probe
             trip = self._state == "closed" and 0 < self.failures <= self._consecutive
             if reopen or trip:
-                self._state = "open"
+                self._set("open")
                 self._opened_at = self._clock()
+
+    def _set(self, state: BreakerState) -> None:
+        self._state = state
+        if self._on_change is not None:
+            self._on_change(state)
 
     def release(self, permit: Permit) -> None:
         """A permitted call was abandoned (cancelled): no verdict, but the probe slot is free."""
@@ -276,6 +293,7 @@ class UpstreamGuard:
         clock: Clock = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         sleep_sync: Callable[[float], None] = time.sleep,
+        on_circuit_change: StateListener | None = None,
     ) -> None:
         self.name = name
         self.timeout = upstream.timeout
@@ -283,7 +301,10 @@ class UpstreamGuard:
         self.backoff = upstream.retry_backoff
         self.budget = RetryBudget(upstream.retry_budget, clock=clock)
         self.breaker = CircuitBreaker(
-            upstream.breaker_failures, upstream.breaker_cooldown, clock=clock
+            upstream.breaker_failures,
+            upstream.breaker_cooldown,
+            clock=clock,
+            on_change=on_circuit_change,
         )
         self.bulkhead = Bulkhead(upstream.max_concurrency)
         self._clock = clock
@@ -413,13 +434,26 @@ class UpstreamGuard:
 
 
 class Guards:
-    """Every upstream's guard for one app (that is, one worker process)."""
+    """Every upstream's guard for one app (that is, one worker process).
+
+    `circuit_listener(name)` gives each breaker its `on_change` (the metrics' circuit gauge).
+    """
 
     def __init__(
-        self, upstreams: Mapping[str, UpstreamConfig], *, clock: Clock = time.monotonic
+        self,
+        upstreams: Mapping[str, UpstreamConfig],
+        *,
+        clock: Clock = time.monotonic,
+        circuit_listener: Callable[[str], StateListener | None] | None = None,
     ) -> None:
         self._guards = {
-            name: UpstreamGuard(name, up, clock=clock) for name, up in upstreams.items()
+            name: UpstreamGuard(
+                name,
+                up,
+                clock=clock,
+                on_circuit_change=circuit_listener(name) if circuit_listener else None,
+            )
+            for name, up in upstreams.items()
         }
 
     def __getitem__(self, name: str) -> UpstreamGuard:

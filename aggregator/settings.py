@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Mode = Literal["loop", "threads", "serial"]
 Engine = Literal["aiohttp", "httpx"]
+#: Where /metrics is served on the main port: behind the admin token (default), to anyone, or
+#: nowhere (and nothing is recorded).
+MetricsMode = Literal["token", "public", "off"]
 CacheType = Literal["simple", "filesystem", "redis", "redissentinel", "rediscluster", "null"]
 #: Backends whose entries live inside one process: useless (and wrong) with several workers.
 PER_PROCESS_CACHES = frozenset({"simple"})
@@ -74,3 +77,30 @@ class Settings(BaseSettings):
     #: The live dashboard page at `/` (and its assets under /static/); off: both are 404.
     #: `/status` stays, for scripts and probes.
     dashboard: bool = True
+
+    # -- metrics (aggregator.metrics; README "Metrics") -----------------------------------------
+    #: token: GET /metrics needs the admin token (404 while none is set); public: no token;
+    #: off: no /metrics and no recording at all (the hot path skips every metrics call).
+    metrics: MetricsMode = "token"
+    #: host:port of a separate plain-HTTP metrics listener, opened by `aggregator serve` in its
+    #: parent process (it reads every worker's numbers); unauthenticated, so bind it privately.
+    metrics_bind: str | None = None
+
+    def admin_secret(self) -> str:
+        """The admin token, or "" when none is set (an empty one counts as none)."""
+        return self.admin_token.get_secret_value() if self.admin_token else ""
+
+    @field_validator("metrics_bind")
+    @classmethod
+    def _check_bind(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_bind(value)
+        return value
+
+
+def split_bind(bind: str) -> tuple[str, int]:
+    """`host:port` (IPv6 in brackets: `[::1]:9100`) as (host, port); ValueError naming the fault."""
+    host, sep, port = bind.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{bind!r} is not host:port (e.g. 127.0.0.1:9100)")
+    return host.removeprefix("[").removesuffix("]"), int(port)

@@ -23,6 +23,7 @@ from aggregator.cache.service import AggregateCache, Filled, FillFn, Lookup, par
 from aggregator.cache.sources import SourceCache
 from aggregator.cache.store import CacheStore, CacheUnavailableError
 from aggregator.config import AppConfig, ParamValue
+from aggregator.metrics import OFF
 from aggregator.settings import Settings
 
 #: Markers outlive every entry they invalidate (the longest window we accept is 7 days).
@@ -32,7 +33,9 @@ _MARKER_TIMEOUT = 8 * 86_400
 def init_app(app: Flask, settings: Settings, config: AppConfig, fill: FillFn) -> AggregateCache:
     """Attach the cache to `app`; the adapter runs `app.extensions["aggregator.lifespan"]`."""
     store = CacheStore(build_cache(app, settings), settings)
-    service = AggregateCache(store, config, settings, fill)
+    service = AggregateCache(
+        store, config, settings, fill, metrics=app.extensions.get("aggregator.metrics", OFF)
+    )
     app.extensions["aggregator.cache"] = service
     # Same store and clock as the aggregates: purge markers and entries compare times.
     app.extensions["aggregator.source_cache"] = SourceCache(store, config, clock=service.clock)

@@ -44,6 +44,7 @@ from aggregator.cache.entries import (
 from aggregator.cache.store import CacheStore, CacheUnavailableError
 from aggregator.config import AppConfig, ParamValue
 from aggregator.errors import InvalidRequestError
+from aggregator.metrics import OFF, Recorder
 from aggregator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -131,8 +132,10 @@ class AggregateCache:
         fill: FillFn,
         *,
         clock: Callable[[], float] = time.time,
+        metrics: Recorder = OFF,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.config = config
         self.settings = settings
         self._fill_fn = fill
@@ -280,6 +283,7 @@ class AggregateCache:
         filled: Filled | None = None,
     ) -> Answer:
         """Answer with a stored entry; `filled` is a fill this request waited for meanwhile."""
+        self.metrics.cache_result(lookup.name, how)  # every HIT, fast path's included
         meta = entry.meta
         age = meta.age(self.clock())
         max_age = max(0, int(meta.ttl - age)) if how == "HIT" else 0
@@ -310,6 +314,7 @@ class AggregateCache:
             ("Cache-Control", f"max-age={int(ttl)}" if ttl > 0 else "no-store"),
         ]
         if how is not None:
+            self.metrics.cache_result(lookup.name, how)
             headers += [("X-Cache", how), ("Age", "0")]
         if filled.status == 200:
             etag = etag_for(filled.body)
@@ -361,12 +366,22 @@ class AggregateCache:
     # -- filling ----------------------------------------------------------------------------
 
     def _task_for(
-        self, name: str, params: Mapping[str, ParamValue], *, force: bool = False
+        self,
+        name: str,
+        params: Mapping[str, ParamValue],
+        *,
+        force: bool = False,
+        waiter: bool = False,
     ) -> asyncio.Task[Filled]:
-        """The in-flight fill of this key (a live one serves a forced refresh too), or a new one."""
+        """The in-flight fill of this key (a live one serves a forced refresh too), or a new one.
+
+        `waiter`: a request will await the task; joining one under way is counted as coalesced.
+        """
         key = aggregate_key(name, params)
         task = self._inflight.get(key)
         if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+            if waiter:
+                self.metrics.coalesced(name, "worker")
             return task
         fill = self._fill_and_store(name, params, key, force=force)
         task = asyncio.create_task(fill, name=f"fill:{key}")
@@ -381,7 +396,7 @@ class AggregateCache:
             logger.error("filling %s failed", key, exc_info=task.exception())
 
     async def _single_flight(self, name: str, params: Mapping[str, ParamValue]) -> Filled:
-        task = self._task_for(name, params)
+        task = self._task_for(name, params, waiter=True)
         try:
             async with asyncio.timeout(self.settings.singleflight_wait):
                 return await asyncio.shield(task)
@@ -420,6 +435,7 @@ class AggregateCache:
         with contextlib.suppress(CacheUnavailableError):
             token = await self.store.try_lock(lock_key(key), agg.deadline + 1.0)
         if token is None:  # another process is filling this key: wait for its entry
+            self.metrics.coalesced(name, "shared")
             newer_than = started if force else 0.0
             entry = await self._await_entry(name, params, key, agg.deadline + 1.0, newer_than)
             if entry is not None:

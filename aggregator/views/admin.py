@@ -45,7 +45,7 @@ def check_target(config: AppConfig, aggregate: str | None, upstream: str | None)
 @bp.post("/purge")
 async def purge_cache() -> Response:
     """Purge one entry, one aggregate, or an upstream and every aggregate built from it."""
-    denied = _check_token()
+    denied = check_token()
     if denied is not None:
         return denied
     config: AppConfig = current_app.extensions["aggregator.config"]
@@ -73,7 +73,7 @@ async def warm_entry() -> Response:
     For `aggregator warm --url`: the answer says what happened and which cache the deployment
     uses; a per-process cache is refused (409), since warming one worker's memory helps nobody.
     """
-    denied = _check_token()
+    denied = check_token()
     if denied is not None:
         return denied
     config: AppConfig = current_app.extensions["aggregator.config"]
@@ -155,7 +155,7 @@ def _typed_params(agg: AggregateConfig, raw: Mapping[str, object]) -> dict[str, 
         raise InvalidRequestError(f"params.{exc.field}", exc.reason) from None
 
 
-def _check_token() -> Response | None:
+def check_token() -> Response | None:
     """None when the request carries the admin token, else the 401 to send."""
     settings: Settings = current_app.extensions["aggregator.settings"]
     secret = settings.admin_token.get_secret_value() if settings.admin_token else ""

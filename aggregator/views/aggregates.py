@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from flask import Blueprint, Flask, Response, current_app, request
 
-from aggregator import cache
+from aggregator import cache, metrics
 from aggregator.config import AppConfig, ParamValue
 from aggregator.fanout import fan_out
 from aggregator.merge import merge, server_timing
@@ -22,16 +22,19 @@ def register(app: Flask, settings: Settings, config: AppConfig) -> None:
     upstreams' guards (retries, breakers, bulkheads): one set per app, i.e. per worker process,
     shared with the sync twins.
     """
-    guards = Guards(config.upstreams)
+    recorder: metrics.Recorder = app.extensions.get("aggregator.metrics", metrics.OFF)
+    guards = Guards(config.upstreams, circuit_listener=recorder.circuit_listener)
     app.extensions["aggregator.guards"] = guards
-    cache.init_app(app, settings, config, _filler(app, settings, config, guards))
+    cache.init_app(app, settings, config, _filler(app, settings, config, guards, recorder))
     bp = Blueprint("aggregates", __name__)
     for name, agg in config.aggregates.items():
         bp.add_url_rule(agg.path, endpoint=name, view_func=_make_view(name), methods=["GET"])
     app.register_blueprint(bp)
 
 
-def _filler(app: Flask, settings: Settings, config: AppConfig, guards: Guards) -> cache.FillFn:
+def _filler(
+    app: Flask, settings: Settings, config: AppConfig, guards: Guards, recorder: metrics.Recorder
+) -> cache.FillFn:
     async def fill(name: str, params: Mapping[str, ParamValue]) -> cache.Filled:
         aggregate = config.aggregates[name]
         # Looked up per fill: init_app creates it after this function (and fills also run in
@@ -47,6 +50,7 @@ def _filler(app: Flask, settings: Settings, config: AppConfig, guards: Guards) -
                 source_cache=sources,
                 guards=guards,
             )
+        recorder.sources(results.values())
         envelope, status = merge(results, aggregate.required)
         body = envelope.model_dump_json(exclude_none=True).encode()
         return cache.Filled(status, body, envelope.complete, server_timing(results))

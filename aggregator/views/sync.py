@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from flask import Blueprint, Flask, Response, current_app, request
 
+from aggregator import metrics
 from aggregator.cache import parse_query
 from aggregator.config import AppConfig
 from aggregator.fanout import fan_out_in_turn, fan_out_threads
@@ -106,6 +107,8 @@ def _make_view(name: str, *, pooled: bool) -> Callable[[], Response]:
             results = fan_out_in_turn(
                 client, config, aggregate, params, max_body=max_body, guards=guards
             )
+        recorder: metrics.Recorder = current_app.extensions.get("aggregator.metrics", metrics.OFF)
+        recorder.sources(results.values())
         envelope, status = merge(results, aggregate.required)
         # Shaped like the async view's (sources, cache, total); the twins never cache.
         total_ms = (time.perf_counter() - started) * 1000
