@@ -15,7 +15,7 @@ import click
 import httpx
 from pydantic import ValidationError
 
-from aggregator import create_app
+from aggregator import create_app, metrics_server
 from aggregator.bench.command import bench as bench_command
 from aggregator.cache import AggregateCache, CacheUnavailableError, purge
 from aggregator.cache.backends import check_cache_settings
@@ -140,20 +140,25 @@ def run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
     # Workers build their settings from the environment; they must know how many they are
     # (a per-process cache with several workers is refused).
     os.environ["AGGREGATOR_WORKERS"] = str(config.workers)
-    settings = Settings()
     try:
+        settings = Settings()
         check_cache_settings(settings)
-    except ConfigError as exc:
+        with metrics_server.prepared(settings, config.workers) as shared_dir:
+            click.echo(
+                f"aggregator serving on {', '.join(config.bind)} "
+                f"(mode={os.environ.get('AGGREGATOR_MODE', 'loop')}, workers={config.workers})"
+            )
+            page = _page_url(config.bind) if settings.dashboard else None
+            if page is not None:
+                click.echo(f"live dashboard: open {page}")
+            if shared_dir is not None:
+                click.echo(f"metrics: the workers share {shared_dir}")
+                if settings.metrics_bind is not None:
+                    click.echo(f"metrics: http://{settings.metrics_bind}/metrics")
+            return run(config)
+    except (ConfigError, ValidationError) as exc:
         click.echo(str(exc), err=True)
         return 1
-    click.echo(
-        f"aggregator serving on {', '.join(config.bind)} "
-        f"(mode={os.environ.get('AGGREGATOR_MODE', 'loop')}, workers={config.workers})"
-    )
-    page = _page_url(config.bind) if settings.dashboard else None
-    if page is not None:
-        click.echo(f"live dashboard: open {page}")
-    return run(config)
 
 
 def _page_url(binds: list[str]) -> str | None:

@@ -43,7 +43,17 @@ _INT = re.compile(r"[+-]?[0-9]{1,18}")
 _FLOAT = re.compile(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|inf|infinity|nan)", re.I)
 MAX_PARAM_LENGTH = 1024
 RESERVED_PATHS = frozenset(
-    {"/", "/status", "/healthz", "/readyz", "/openapi.json", "/docs", "/sync", "/sync-pool"}
+    {
+        "/",
+        "/status",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+        "/sync",
+        "/sync-pool",
+    }
 )
 #: Admin endpoints, the API docs' and dashboard's assets, and the sync twins of every aggregate
 #: (`/sync/api/x`, `/sync-pool/api/x`).

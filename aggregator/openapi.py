@@ -4,9 +4,9 @@ Dashboards get a contract that cannot drift from what is served: every aggregate
 query parameters (types, defaults, required-ness and the limits `config.parse_value` enforces),
 the envelope with each source's pydantic model under `data` (`model_json_schema` in
 serialization mode, as upstream payloads are dumped), the one error shape, and the health,
-readiness, status (with the dashboard page when it is on) and admin routes. The sync twins are
-listed too, tagged `benchmark`: they exist to be compared, not to be built on. Built once per
-app: the config is read once.
+readiness, status (with the dashboard page when it is on), admin and metrics routes. The sync
+twins are listed too, tagged `benchmark`: they exist to be compared, not to be built on. Built
+once per app: the config is read once.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def build_openapi(
     paths.update(_health_paths())
     paths.update(status_paths(dashboard=dashboard))
     paths.update(_admin_paths())
+    paths.update(_metrics_paths())
     return {
         "openapi": "3.1.0",
         "info": {
@@ -74,6 +75,7 @@ def build_openapi(
             {"name": "health", "description": "Liveness and readiness probes."},
             {"name": "status", "description": "The live dashboard page and per-worker state."},
             {"name": "admin", "description": "Cache purge and warm-up, behind a bearer token."},
+            {"name": "metrics", "description": "Prometheus metrics for operators."},
             {
                 "name": "benchmark",
                 "description": "Sync twins of each aggregate (plain `def` views, uncached), "
@@ -440,6 +442,34 @@ def _admin_paths() -> JSONDict:
                 },
             }
         },
+    }
+
+
+def _metrics_paths() -> JSONDict:
+    return {
+        "/metrics": {
+            "get": {
+                "tags": ["metrics"],
+                "operationId": "metrics",
+                "summary": "Prometheus metrics of every worker, behind the admin token",
+                "description": (
+                    "Prometheus text format 0.0.4. AGGREGATOR_METRICS=token (the default) needs "
+                    "the admin token and answers 404 while none is set; `public` needs no "
+                    "token; `off` answers 404."
+                ),
+                "security": [{"adminToken": []}],
+                "responses": {
+                    "200": {
+                        "description": "Every metric, merged over the workers.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "401": _error(401),
+                    "404": _error(
+                        404, "Metrics are not served here (no admin token set, or turned off)."
+                    ),
+                },
+            }
+        }
     }
 
 
