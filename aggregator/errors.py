@@ -12,8 +12,9 @@ AggregatorError
  |    +-- UpstreamCircuitOpenError  not called: its circuit breaker is open (resilience)
  |    +-- UpstreamOverloadedError   not called: its concurrency limit is reached (resilience)
  +-- WarmError                      `aggregator warm` cannot start (exit 2); nothing was warmed
-      +-- TargetError               targets that fail validation, each named by file, line, field
-      +-- NotWarmableError          a per-process cache, a refused token, an unreachable URL
+ |    +-- TargetError               targets that fail validation, each named by file, line, field
+ |    +-- NotWarmableError          a per-process cache, a refused token, an unreachable URL
+ +-- StatusError                    `aggregator status` cannot read a deployment's metrics (exit 1)
 """
 
 from __future__ import annotations
@@ -148,3 +149,7 @@ class TargetError(WarmError):
 
 class NotWarmableError(WarmError):
     """The deployment or cache cannot be warmed from here (per-process cache, token, address)."""
+
+
+class StatusError(AggregatorError):
+    """`aggregator status` got no metrics: unreachable, refused, or not Prometheus text."""

@@ -199,7 +199,7 @@ class HttpWarmer:
         try:
             await self.client.get("healthz", timeout=10)
         except httpx.HTTPError as exc:
-            raise NotWarmableError(f"cannot reach {self.url}: {_describe(exc)}") from None
+            raise NotWarmableError(f"cannot reach {self.url}: {describe_http_error(exc)}") from None
 
     async def warm(self, target: Target, only_missing: bool) -> WarmResult:
         """One POST; 401 and 409 raise NotWarmableError (they hold for every target)."""
@@ -209,7 +209,7 @@ class HttpWarmer:
                 "admin/warm", json={**body, "only_missing": only_missing}
             )
         except httpx.HTTPError as exc:
-            return WarmResult("failed", detail=f"{self.url}: {_describe(exc)}")
+            return WarmResult("failed", detail=f"{self.url}: {describe_http_error(exc)}")
         answer = _json_object(response)
         message = str(answer.get("message") or response.reason_phrase)
         if response.status_code == 401:
@@ -246,7 +246,8 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _describe(exc: httpx.HTTPError) -> str:
+def describe_http_error(exc: httpx.HTTPError) -> str:
+    """One line for a failed HTTP call (also `aggregator status`'s)."""
     if isinstance(exc, httpx.ConnectError):
         return f"connection failed ({exc or type(exc).__name__})"
     if isinstance(exc, httpx.TimeoutException):
