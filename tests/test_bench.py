@@ -51,6 +51,10 @@ needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not i
             "loop:async+pygc+asyncio",
             Target("loop", "async", "aiohttp", False, "asyncio", "python"),
         ),
+        (
+            "loop:async+cached+metrics",
+            Target("loop", "async", "aiohttp", cached=True, metrics=True),
+        ),
     ],
 )
 def test_targets_parse_and_name_themselves(spec, expected):
@@ -71,9 +75,10 @@ def test_targets_parse_and_name_themselves(spec, expected):
         ("fastapi:sync", "async only"),
         ("loop:sync-pool+cached", "only our async views are cached"),
         ("fastapi:async+cached", "only our async views are cached"),
-        ("loop:async+fast", "flags are +cached, +asyncio, +uvloop, +gc or +pygc"),
+        ("loop:async+fast", "flags are +cached, +metrics, +asyncio, +uvloop, +gc or +pygc"),
         ("loop:async+gc+pygc", "+gc or +pygc, not both"),
         ("gunicorn:sync+gc", "ASGI servers only"),
+        ("fastapi:async+metrics", "records no metrics"),
         ("loop:async+cached+cached", "once each"),
         ("loop:async+uvloop+asyncio", "one event loop at most"),
         ("gunicorn:sync+uvloop", "no event loop to choose"),
@@ -102,6 +107,10 @@ def test_servers_get_the_bench_settings_and_inherit_the_callers_others(monkeypat
     assert env["AGGREGATOR_MODE"] == "threads" and env["AGGREGATOR_ENGINE"] == "httpx"
     assert env["AGGREGATOR_THREADS"] == "16" and env["AGGREGATOR_POOL_MAX_CONNECTIONS"] == "4096"
     assert passed_settings() == {"AGGREGATOR_POOL_MAX_CONNECTIONS": "4096"}  # no secrets
+    # Metrics are recorded only by `+metrics` targets, whatever the caller's token says.
+    assert env["AGGREGATOR_METRICS"] == "off"
+    metered = server_env(parse_target("loop:async+cached+metrics"), tmp_path / "b.toml", 16)
+    assert metered["AGGREGATOR_METRICS"] == "public"
 
 
 @pytest.mark.parametrize(
@@ -326,6 +335,20 @@ def test_goals_compare_with_fastapi_and_check_latency_floor_and_collapse():
     assert lines[0].startswith("loop:async:aiohttp vs fastapi:async:aiohttp at c=64: 0.95x")
     assert any("p50 at c=1: 104.0 ms, +4.0 ms over the slowest source" in ln for ln in lines)
     assert any("loop:async:aiohttp c=256 vs c=64: 95%" in ln for ln in lines)
+
+
+def test_goals_quote_the_cost_of_metrics_from_the_same_run():
+    plain, metered = "loop:async:aiohttp+cached", "loop:async:aiohttp+cached+metrics"
+    runs = [
+        _run(metered, 1, 1, 900.0, p50_ms=1.0),
+        _run(plain, 64, 1, 4000.0, server_cpu_s=10.0),
+        _run(metered, 64, 1, 3900.0, server_cpu_s=10.0),
+    ]
+    result = _result(runs, (plain, metered), (1, 64))
+    lines = goals(result, summarize(result))
+    assert f"metrics on {plain} at c=64: 3900.0 vs 4000.0 req/s without (-2.5%)" in lines[0]
+    # A cached target's p50 is not compared with the sources' floor, whatever its other flags.
+    assert not any("p50 at c=1" in line for line in lines)
 
 
 def test_upstream_calls_count_the_requests_left_in_flight():

@@ -11,6 +11,8 @@ A target is written `SERVER:VIEW[:ENGINE][+FLAG...]`, e.g. `loop:async:aiohttp`,
 - ENGINE: the async views' connection engine, `aiohttp` (default) or `httpx`; the sync twins
   always use httpx's blocking client, so they take none;
 - `+cached`: the aggregate is cached for an hour, so after the warm-up every request is a hit;
+- `+metrics`: Prometheus metrics recorded (AGGREGATOR_METRICS=public); without it they are off,
+  so `loop:async+cached` against `loop:async+cached+metrics` is their cost on the hit path;
 - `+asyncio` / `+uvloop`: the event loop of an async server (Hypercorn's worker class, uvicorn's
   `--loop`); without it each server runs on its own default (uvloop when installed);
 - `+gc` / `+pygc`: the garbage collector. Our Hypercorn servers ship aggregator's GC tuning
@@ -58,13 +60,16 @@ class Target:
     event_loop: str | None = None
     #: None: the server's own default (ours tuned, FastAPI and gunicorn Python's).
     gc: GcMode | None = None
+    metrics: bool = False
 
     @property
     def name(self) -> str:
         """The spelling the user gave (normalized), used in tables, files and charts."""
         engine = f":{self.engine}" if self.engine else ""
-        flags = ("+cached" if self.cached else "") + (
-            f"+{self.event_loop}" if self.event_loop else ""
+        flags = (
+            ("+cached" if self.cached else "")
+            + (f"+{self.event_loop}" if self.event_loop else "")
+            + ("+metrics" if self.metrics else "")
         )
         if self.gc is not None:
             flags += "+gc" if self.gc == "tuned" else "+pygc"
@@ -89,12 +94,13 @@ class Target:
 def parse_target(text: str) -> Target:
     """Parse `SERVER:VIEW[:ENGINE][+FLAG...]`, refusing combinations that do not exist."""
     base, *flags = text.strip().split("+")
-    unknown = set(flags) - {"cached", *EVENT_LOOPS, *GC_FLAGS}
+    unknown = set(flags) - {"cached", "metrics", *EVENT_LOOPS, *GC_FLAGS}
     if unknown or len(flags) != len(set(flags)):
         raise PlanError(
-            f"target {text!r}: flags are +cached, +asyncio, +uvloop, +gc or +pygc, once each"
+            f"target {text!r}: flags are +cached, +metrics, +asyncio, +uvloop, +gc or +pygc, "
+            "once each"
         )
-    cached = "cached" in flags
+    cached, metrics = "cached" in flags, "metrics" in flags
     loops = [f for f in flags if f in EVENT_LOOPS]
     if len(loops) > 1:
         raise PlanError(f"target {text!r}: one event loop at most")
@@ -128,7 +134,9 @@ def parse_target(text: str) -> Target:
         raise PlanError(f"target {text!r}: gunicorn's threads have no event loop to choose")
     if gc is not None and server == "gunicorn":
         raise PlanError(f"target {text!r}: GC tuning applies to the ASGI servers only")
-    return Target(server, view, engine, cached, event_loop, gc)
+    if metrics and server == "fastapi":
+        raise PlanError(f"target {text!r}: the FastAPI reference records no metrics")
+    return Target(server, view, engine, cached, event_loop, gc, metrics)
 
 
 #: Everything the issue asks to compare; optional servers are dropped when not installed.

@@ -10,6 +10,7 @@ the load stopped.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import statistics
@@ -131,9 +132,20 @@ def goals(result: BenchResult, rows: list[Row]) -> list[str]:
                         f"({a.rps:.1f} vs {b.rps:.1f} req/s; CPU {a.cpu_ms_per_request:.2f} vs "
                         f"{b.cpu_ms_per_request:.2f} ms/request)"
                     )
+    for metered in (t for t in targets if t.metrics):
+        plain = dataclasses.replace(metered, metrics=False)
+        for level in result.options.levels:
+            a, b = by.get((metered.name, level)), by.get((plain.name, level))
+            if a and b and b.rps > 0:
+                lines.append(
+                    f"metrics on {plain.name} at c={level}: {a.rps:.1f} vs {b.rps:.1f} req/s "
+                    f"without ({a.rps / b.rps - 1:+.1%}); CPU {a.cpu_ms_per_request:.3f} vs "
+                    f"{b.cpu_ms_per_request:.3f} ms/request"
+                )
+    cached = {t.name for t in targets if t.cached}
     for name in dict.fromkeys(r.target for r in rows):
         one = by.get((name, 1))
-        if one and not name.endswith("+cached") and not math.isnan(one.p50_ms):
+        if one and name not in cached and not math.isnan(one.p50_ms):
             lines.append(
                 f"{name} p50 at c=1: {one.p50_ms:.1f} ms, {one.p50_ms - floor_ms:+.1f} ms "
                 f"over the slowest source ({floor_ms:.0f} ms)"

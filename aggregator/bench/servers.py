@@ -84,6 +84,7 @@ CONTROLLED = frozenset(
         "THREADS",
         "LOG_LEVEL",
         "GC_THRESHOLD",
+        "METRICS",
     )
 )
 
@@ -108,6 +109,9 @@ def server_env(target: Target, config: Path, threads: int) -> dict[str, str]:
         AGGREGATOR_WORKERS="1",
         AGGREGATOR_THREADS=str(threads),
         AGGREGATOR_LOG_LEVEL="WARNING",
+        # Off unless the target asks: an admin token in the caller's environment must not turn
+        # recording on for some runs and not others.
+        AGGREGATOR_METRICS="public" if target.metrics else "off",
     )
     # Each server's own GC default unless the target says (see plan: +gc / +pygc).
     gc = target.gc or ("python" if target.server in ("fastapi", "gunicorn") else "tuned")
