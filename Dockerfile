@@ -28,5 +28,8 @@ EXPOSE 8000
 # health check or a Kubernetes readinessProbe (503 names the part that is not ready).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+# Metrics: GET /metrics on port 8000 with the admin token (-e AGGREGATOR_ADMIN_TOKEN=...), or
+# AGGREGATOR_METRICS=public. With more than one worker, also set PROMETHEUS_MULTIPROC_DIR to an
+# empty directory the app user can write (a fresh tmpfs per start; README, "Metrics").
 # Exec form so SIGTERM reaches hypercorn and it drains gracefully.
 CMD ["hypercorn", "--config", "hypercorn.toml", "--bind", "0.0.0.0:8000", "asgi:app"]
