@@ -262,7 +262,7 @@ def purge_cache(
     upstream: str | None,
 ) -> list[str]:
     """Build the app as a server would and run `cache.purge` on its cache; what was purged."""
-    app = create_app(settings, config)
+    app = create_app(settings.model_copy(update={"metrics": "off"}), config)  # not a server
     service: AggregateCache = app.extensions["aggregator.cache"]
     try:
         return asyncio.run(purge(service, aggregate=aggregate, params=params, upstream=upstream))

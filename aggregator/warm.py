@@ -386,7 +386,9 @@ def _run_direct(
     """Build the app as a server would, then warm its shared cache on one loop."""
     from aggregator import create_app
 
-    app = create_app(settings, config)  # blocking set-up (backend clients), before the loop
+    # Blocking set-up (backend clients), before the loop. Metrics off: this process is not a
+    # server (its numbers would be nobody's, or land in the servers' multiprocess directory).
+    app = create_app(settings.model_copy(update={"metrics": "off"}), config)
     service: AggregateCache = app.extensions["aggregator.cache"]
     if not service.store.shared:
         service.store.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from aggregator import create_app, metrics
+from aggregator import cli, create_app, metrics, warm
 from aggregator.adapter import ASGIAdapter
 from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess, free_port
@@ -30,6 +31,7 @@ from aggregator.errors import ConfigError
 from aggregator.models import SourceResult
 from aggregator.resilience import BreakerState, CircuitBreaker
 from aggregator.settings import Settings
+from aggregator.warm_report import PlainReporter
 from tests.conftest import ROOT, Server, wait_healthy
 
 TOKEN = "metrics-test-token-" + "x" * 24
@@ -366,6 +368,23 @@ def test_a_multiprocess_dir_that_is_not_a_directory_is_refused(config_path, monk
 def test_a_bad_metrics_bind_is_a_settings_error(bind):
     with pytest.raises(ValidationError, match="is not host:port"):
         Settings(metrics_bind=bind)
+
+
+def test_command_line_tools_build_apps_that_record_nothing(config_path, tmp_path, monkeypatch):
+    """warm (direct) and cache purge build the app in their own process: not a server, so no
+    metrics (with the servers' settings, several workers, it would refuse to start)."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    settings = Settings(
+        config=config_path,
+        workers=4,
+        admin_token=TOKEN,
+        cache_type="filesystem",
+        cache_dir=tmp_path / "cache",
+    )
+    config = parse_config(config_path.read_text(), str(config_path))
+    assert cli.purge_cache(settings, config, aggregate="five", params=None, upstream=None)
+    report = warm._run_direct(settings, config, (), warm.RunOptions(), PlainReporter(io.StringIO()))
+    assert report is not None
 
 
 # -- the recorder -------------------------------------------------------------------------------
