@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from aggregator import cli
 from aggregator.demo.process import DemoProcess, free_port
 from aggregator.errors import StatusError
-from aggregator.status import Buckets, metrics_url, parse
+from aggregator.metrics_snapshot import Buckets, metrics_url, parse
 from tests.conftest import Server
 from tests.test_metrics import TOKEN, shop_config
 
