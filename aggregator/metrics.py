@@ -325,12 +325,12 @@ async def _stopped() -> None:
         await loop.run_in_executor(None, multiprocess.mark_process_dead, os.getpid(), path)
 
 
-def exposition(path: str | None = None) -> tuple[bytes, str]:
+def exposition() -> tuple[bytes, str]:
     """The Prometheus text of this process, or of every worker in multiprocess mode.
 
     Reads the workers' files in multiprocess mode: blocking, so call it off the event loop.
     """
-    path = path or multiprocess_dir()
+    path = multiprocess_dir()
     if path is None:
         return generate_latest(REGISTRY), CONTENT_TYPE_PLAIN_0_0_4
     registry = CollectorRegistry()
