@@ -23,6 +23,9 @@ def create_app(
     config = config or load_config(settings.config)
     # No app-wide static route: the dashboard serves its own assets, only when it is enabled.
     app = AggregatorFlask(__name__, view_threads=settings.threads, static_folder=None)
+    # Flask turns debug on from FLASK_DEBUG in the environment; a served app never runs with it
+    # (it is for `flask run`'s reloader and debugger), whatever the operator's shell exports.
+    app.debug = False
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep config order of sources
     app.extensions["aggregator.settings"] = settings
     app.extensions["aggregator.config"] = config

@@ -30,6 +30,7 @@ _EMPTY: JSONDict = {"const": "", "description": "Empty: the default."}
 _ERROR_STATUSES = {
     400: "A parameter or body field is missing or malformed; `field` names it.",
     401: "No admin token, or the wrong one (`WWW-Authenticate: Bearer`).",
+    403: "The admin endpoints are disabled: the server has no AGGREGATOR_ADMIN_TOKEN.",
     404: "An unknown aggregate or upstream name; `field` says which.",
     409: "The cache lives inside each worker process: warming one helps nobody.",
     413: "The request body is over AGGREGATOR_MAX_REQUEST_BODY.",
@@ -422,7 +423,7 @@ def _admin_paths() -> JSONDict:
                 },
                 "responses": {
                     "200": _json_response("What was purged.", _ref("PurgeResult")),
-                    **{str(s): _error(s) for s in (400, 401, 404, 413, 503)},
+                    **{str(s): _error(s) for s in (400, 401, 403, 404, 413, 503)},
                 },
             }
         },
@@ -438,7 +439,7 @@ def _admin_paths() -> JSONDict:
                 "responses": {
                     "200": _json_response("What warming did.", _ref("WarmResult")),
                     "409": _json_response(_ERROR_STATUSES[409], _ref("NotWarmable")),
-                    **{str(s): _error(s) for s in (400, 401, 404, 413)},
+                    **{str(s): _error(s) for s in (400, 401, 403, 404, 413)},
                 },
             }
         },

@@ -202,7 +202,7 @@ class HttpWarmer:
             raise NotWarmableError(f"cannot reach {self.url}: {describe_http_error(exc)}") from None
 
     async def warm(self, target: Target, only_missing: bool) -> WarmResult:
-        """One POST; 401 and 409 raise NotWarmableError (they hold for every target)."""
+        """One POST; 401, 403 and 409 raise NotWarmableError (they hold for every target)."""
         body = {"aggregate": target.aggregate, "params": target.params}
         try:
             response = await self.client.post(
@@ -212,6 +212,8 @@ class HttpWarmer:
             return WarmResult("failed", detail=f"{self.url}: {describe_http_error(exc)}")
         answer = _json_object(response)
         message = str(answer.get("message") or response.reason_phrase)
+        if response.status_code == 403:
+            raise NotWarmableError(f"{self.url} has its admin endpoints disabled ({message})")
         if response.status_code == 401:
             raise NotWarmableError(
                 f"{self.url} refused the admin token ({message}): set AGGREGATOR_ADMIN_TOKEN to "

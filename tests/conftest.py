@@ -168,10 +168,15 @@ def wait_healthy(url: str, popen: subprocess.Popen[bytes], log: Path, timeout: f
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Factory: start Hypercorn (`python -m hypercorn ... asgi:app`) with AGGREGATOR_* settings."""
+    """Factory: start Hypercorn (`python -m hypercorn ... asgi:app`) with AGGREGATOR_* settings.
+
+    `app` names another ASGI app (`tests.module:app`) for tests that need routes of their own.
+    """
     servers: list[Server] = []
 
-    def start(config: Path | None = None, *, workers: int = 1, **settings: str) -> Server:
+    def start(
+        config: Path | None = None, *, workers: int = 1, app: str = "asgi:app", **settings: str
+    ) -> Server:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("AGGREGATOR_")}
         if config is not None:
@@ -188,7 +193,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             f"127.0.0.1:{port}",
             "--workers",
             str(workers),
-            "asgi:app",
+            app,
         ]
         with log.open("wb") as out:
             popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -703,6 +703,12 @@ async def test_http_warmer_maps_the_answer(
             401, {"message": "the admin token is wrong"}, "AGGREGATOR_ADMIN_TOKEN", id="401"
         ),
         pytest.param(
+            403,
+            {"message": "the admin endpoints are disabled on this server"},
+            "has its admin endpoints disabled",
+            id="403",
+        ),
+        pytest.param(
             409,
             {"message": "lives inside each worker", "cache": {"type": "simple", "shared": False}},
             "is not warmable: lives inside each worker",

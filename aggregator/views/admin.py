@@ -1,7 +1,8 @@
 """Admin endpoints, behind a bearer token: purge or warm cached answers without a restart.
 
 `POST /admin/purge` takes `{"aggregate": NAME}`, `{"aggregate": NAME, "params": {...}}` or
-`{"upstream": NAME}` (aggregate and upstream may be combined). Parameters are typed, validated
+`{"upstream": NAME}` (aggregate and upstream may be combined). Both routes are POST-only;
+without AGGREGATOR_ADMIN_TOKEN they are disabled (403), never open. Parameters are typed, validated
 and defaulted exactly as a live request's query string, so `{"user_id": "07"}` purges the entry
 that `?user_id=7` filled; a value is its query-string text or the JSON scalar of its declared
 type (`7.0` is the integer 7 to JSON), anything else is a 400, as `/openapi.json` documents.
@@ -156,14 +157,20 @@ def _typed_params(agg: AggregateConfig, raw: Mapping[str, object]) -> dict[str, 
 
 
 def check_token() -> Response | None:
-    """None when the request carries the admin token, else the 401 to send."""
+    """None when the request carries the admin token, else the 401 (or 403) to send.
+
+    Without a configured token the endpoints are disabled, not open: 403 whatever the request
+    carries (no credential can help, so no `WWW-Authenticate` challenge either).
+    """
     settings: Settings = current_app.extensions["aggregator.settings"]
     secret = settings.admin_token.get_secret_value() if settings.admin_token else ""
     if not secret:  # an empty token would let `Authorization: Bearer ` in
-        return _unauthorized(
-            "the admin endpoints are disabled: set AGGREGATOR_ADMIN_TOKEN on the server to a "
-            "long random secret and send it as 'Authorization: Bearer <token>'",
-            "no token configured",
+        logger.warning("admin request refused (endpoints disabled) from %s", request.remote_addr)
+        return error_response(
+            403,
+            "the admin endpoints are disabled on this server: start it with "
+            "AGGREGATOR_ADMIN_TOKEN set to a long random secret, then send that as "
+            "'Authorization: Bearer <token>'",
         )
     scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
     given = given.strip()
