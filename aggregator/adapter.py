@@ -24,7 +24,6 @@ import asyncio
 import contextvars
 import functools
 import io
-import json
 import logging
 import sys
 import time
@@ -40,7 +39,7 @@ from asgiref.sync import sync_to_async
 from asgiref.wsgi import WsgiToAsgi, WsgiToAsgiInstance
 from flask import Flask
 
-from aggregator import upstream
+from aggregator import requestlimits, upstream
 from aggregator.metrics import CLIENT_LEFT, OFF, Recorder
 from aggregator.runtime import tune_gc
 from aggregator.settings import Settings
@@ -277,6 +276,9 @@ class ASGIAdapter:
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> int:
         """Answer one request; the status sent (CLIENT_LEFT when the client went first)."""
+        if not requestlimits.headers_acceptable(scope, self.settings):
+            await requestlimits.refuse_headers(send, self.settings)
+            return 431
         if self._serial is None:
             return await self._http(scope, receive, send)
         sent = [CLIENT_LEFT]
@@ -306,7 +308,7 @@ class ASGIAdapter:
                 await _send_answer(send, answer, head=scope["method"] == "HEAD")
                 sent: int = answer.status
                 return sent
-        body = await self._read_body(scope, receive, send)
+        body = await requestlimits.read_body(scope, receive, send, self.settings)
         if isinstance(body, int):
             return body
         environ = self._environ(scope, body)
@@ -335,30 +337,6 @@ class ASGIAdapter:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload, "more_body": False})
         return status
-
-    async def _read_body(
-        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> bytes | int:
-        """The whole request body, or the status that ended the request (413, CLIENT_LEFT)."""
-        limit = self.settings.max_request_body
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await _send_too_large(send, limit)
-                return 413
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return CLIENT_LEFT
-            chunk = cast(bytes, message.get("body", b""))
-            size += len(chunk)
-            if size > limit:
-                await _send_too_large(send, limit)
-                return 413
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 
     def _environ(self, scope: HTTPScope, body: bytes) -> WSGIEnvironment:
         # Reuse asgiref's environ building rather than re-writing it; it reads only `scope`.
@@ -420,24 +398,3 @@ async def _watch_disconnect(
             disconnected.set()
             task.cancel()
             return
-
-
-async def _send_too_large(send: ASGISendCallable, limit: int) -> None:
-    body = json.dumps(
-        {
-            "error": "Payload Too Large",
-            "message": f"the request body is larger than {limit} bytes",
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -122,6 +122,15 @@ def serve(
         sys.exit(run_server(hypercorn_config, given))
 
 
+#: Hypercorn's limits against hostile clients, as hypercorn.toml ships them (a test keeps the two
+#: equal), for `aggregator serve` without that file. Why these and not read_timeout: the file.
+SERVER_LIMITS: dict[str, Any] = {
+    "keep_alive_timeout": 5.0,
+    "h11_max_incomplete_size": 16 * 1024,
+    "h2_max_header_list_size": 16 * 1024,
+}
+
+
 def run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
     """Run Hypercorn with the file's settings plus the flags actually given."""
     from hypercorn.config import Config
@@ -131,6 +140,8 @@ def run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
     if not hypercorn_config.is_file():
         config.bind = ["127.0.0.1:8000"]
         config.accesslog = "-"
+        for attribute, value in SERVER_LIMITS.items():
+            setattr(config, attribute, value)
         if importlib.util.find_spec("uvloop") is not None:
             config.worker_class = "uvloop"  # as hypercorn.toml ships (docs/benchmarks.md)
     for flag, attribute in _HYPERCORN_FLAGS.items():

@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     max_upstream_body: int = Field(default=10 * 1024 * 1024, ge=1)
     #: Largest request body accepted; larger ones get 413 before being buffered whole.
     max_request_body: int = Field(default=1024 * 1024, ge=0)
+    #: Seconds a request body may take to arrive in full; a stalled one gets 408.
+    request_body_timeout: float = Field(default=10.0, gt=0)
+    #: Most request headers, and most bytes of them (names and values), accepted; beyond
+    #: either the adapter answers 431 before Flask sees the request.
+    max_request_headers: int = Field(default=100, ge=1)
+    max_request_header_bytes: int = Field(default=16 * 1024, ge=1)
     #: Threads for `def` views (loop mode) or for whole requests (threads mode).
     threads: int = Field(default=64, ge=1)
     #: The cyclic GC's generation-0 threshold in a serving process (Python's is 700), set with

@@ -166,44 +166,56 @@ def wait_healthy(url: str, popen: subprocess.Popen[bytes], log: Path, timeout: f
     raise RuntimeError(f"server not healthy within {timeout} s:\n{log.read_text()}")
 
 
+def start_hypercorn(
+    log_dir: Path,
+    config: Path | None = None,
+    *,
+    workers: int = 1,
+    app: str = "asgi:app",
+    **settings: str,
+) -> Server:
+    """Start Hypercorn (`python -m hypercorn --config hypercorn.toml ... asgi:app`) and wait for it.
+
+    `settings` become AGGREGATOR_* variables; `app` names another ASGI app (`tests.module:app`)
+    for tests that need routes of their own. The caller stops the server.
+    """
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGGREGATOR_")}
+    if config is not None:
+        env["AGGREGATOR_CONFIG"] = str(config)
+    env.update({f"AGGREGATOR_{k.upper()}": v for k, v in settings.items()})
+    log = log_dir / f"hypercorn-{port}.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "hypercorn",
+        "--config",
+        "hypercorn.toml",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        str(workers),
+        app,
+    ]
+    with log.open("wb") as out:
+        popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", popen, log)
+    try:
+        wait_healthy(server.url, popen, log, timeout=20)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., Server]]:
-    """Factory: start Hypercorn (`python -m hypercorn ... asgi:app`) with AGGREGATOR_* settings.
-
-    `app` names another ASGI app (`tests.module:app`) for tests that need routes of their own.
-    """
+    """Factory: `start_hypercorn` with this test's tmp dir; every server is stopped afterwards."""
     servers: list[Server] = []
 
-    def start(
-        config: Path | None = None, *, workers: int = 1, app: str = "asgi:app", **settings: str
-    ) -> Server:
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AGGREGATOR_")}
-        if config is not None:
-            env["AGGREGATOR_CONFIG"] = str(config)
-        env.update({f"AGGREGATOR_{k.upper()}": v for k, v in settings.items()})
-        log = tmp_path / f"hypercorn-{port}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "hypercorn",
-            "--config",
-            "hypercorn.toml",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(workers),
-            app,
-        ]
-        with log.open("wb") as out:
-            popen = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        server = Server(f"http://127.0.0.1:{port}", popen, log)
+    def start(config: Path | None = None, **kwargs: Any) -> Server:
+        server = start_hypercorn(tmp_path, config, **kwargs)
         servers.append(server)
-        try:
-            wait_healthy(server.url, popen, log, timeout=20)
-        except RuntimeError:
-            server.stop()
-            raise
         return server
 
     yield start

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import threading
 import time
 from pathlib import Path
@@ -245,6 +246,42 @@ async def test_request_body_over_the_limit_is_413_before_buffering(config_path, 
     sent = await _asgi_call(adapter, _http_scope("/healthz", headers=headers), messages)
     assert sent[0]["status"] == 413
     assert b"larger than 1024 bytes" in sent[1]["body"]
+
+
+@pytest.mark.parametrize("mode", ["loop", "threads", "serial"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param([(b"x-a", b"1")] * 101, id="count"),
+        pytest.param([(b"x-big", b"a" * 16 * 1024)], id="bytes"),
+    ],
+)
+async def test_too_many_or_too_large_headers_are_431_in_every_mode(config_path, mode, headers):
+    adapter = create_app_adapter(config_path, mode=mode)
+    scope = _http_scope("/healthz") | {"headers": headers}
+    sent = await _asgi_call(adapter, scope, [{"type": "http.request", "body": b""}])
+    assert sent[0]["status"] == 431
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"] == "Request Header Fields Too Large"
+
+
+@pytest.mark.parametrize("mode", ["loop", "threads"])
+@pytest.mark.parametrize(
+    ("headers", "messages"),
+    [
+        pytest.param([(b"content-length", b"10")], [], id="declared-never-sent"),
+        pytest.param(
+            [(b"transfer-encoding", b"chunked")],
+            [{"type": "http.request", "body": b"{", "more_body": True}],
+            id="streamed-then-stalled",
+        ),
+    ],
+)
+async def test_a_stalled_body_is_408_after_the_body_timeout(config_path, mode, headers, messages):
+    adapter = create_app_adapter(config_path, mode=mode, request_body_timeout=0.2)
+    sent = await _asgi_call(adapter, _http_scope("/admin/purge", headers=headers), messages)
+    assert sent[0]["status"] == 408
+    assert b"within 0.2 s" in sent[1]["body"]
 
 
 async def test_websocket_is_refused(config_path):
