@@ -176,6 +176,22 @@ async def test_echo_reports_raw_path_query_and_headers(client: Client) -> None:
     assert payload["headers"]["x-trace"] == "t1"
 
 
+async def test_every_request_is_recorded_with_host_and_raw_path(client: Client) -> None:
+    """The recorder sees every path as sent, routed or not, until a reset."""
+    await client.get("/echo/a%2F..%2Fb?q=%0D%0A", headers={"Host": "upstream.test:81"})
+    await client.get("/nowhere/x%2Fy")
+    await client.post("/profile/7")
+    listed = await (await client.get("/_requests")).json()
+    assert listed["requests"][:3] == [
+        {"method": "GET", "host": "upstream.test:81", "raw_path": "/echo/a%2F..%2Fb?q=%0D%0A"},
+        {"method": "GET", "host": listed["requests"][1]["host"], "raw_path": "/nowhere/x%2Fy"},
+        {"method": "POST", "host": listed["requests"][1]["host"], "raw_path": "/profile/7"},
+    ]
+    await client.post("/_reset")
+    after = await (await client.get("/_requests")).json()
+    assert [r["raw_path"] for r in after["requests"]] == ["/_requests"]
+
+
 async def test_stats_count_requests_and_reset(client: Client) -> None:
     """Stats count service calls only, and reset zeroes them."""
     await client.get("/weather/Paris")

@@ -8,6 +8,10 @@ Per-request knobs in the query string shape each answer:
 `redirect=LOCATION` (answer `status` (default 302) with that `Location`, verbatim), `gzip=1`
 (gzip the body as it streams: with `size=1073741824` a 1 GiB bomb of ~1 MiB), `ctype=VALUE`
 (that Content-Type on a JSON body) and `depth=N` (a body of N nested JSON arrays).
+
+Every request received, whatever its path, is recorded (method, Host header, raw path and query
+as sent) and listed by `GET /_requests` (the last 10,000; `POST /_reset` clears them), so tests
+can prove that no request ever reached an unexpected host or path.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import math
 import random
 import signal
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -126,6 +131,8 @@ class Stats:
         self._epoch = 0
         self._transports: dict[asyncio.BaseTransport, int] = {}
         self._prune_at = 64
+        #: Every request received (bounded): what `GET /_requests` lists.
+        self.received: deque[dict[str, str]] = deque(maxlen=10_000)
 
     def record(self, service: str, transport: asyncio.BaseTransport | None) -> None:
         """Count a request and, if its connection is new since the last reset, the connection."""
@@ -152,6 +159,7 @@ class Stats:
         self.connections = 0
         self.max_in_flight = self.in_flight
         self._epoch += 1
+        self.received.clear()
 
     def snapshot(self) -> dict[str, Any]:
         """Render the counters as the JSON body of /_stats."""
@@ -566,6 +574,22 @@ async def _reset(request: web.Request) -> web.Response:
     return _json(200, {"status": "reset"})
 
 
+async def _requests(request: web.Request) -> web.Response:
+    """List the requests received since the last reset, oldest first."""
+    return _json(200, {"requests": list(request.app[STATS_KEY].received)})
+
+
+@web.middleware
+async def _record(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Note every request before routing: unknown paths and control endpoints too."""
+    request.app[STATS_KEY].received.append(
+        {"method": request.method, "host": request.host, "raw_path": request.raw_path}
+    )
+    return await handler(request)
+
+
 async def _not_found(request: web.Request) -> web.Response:
     """Answer unknown paths with JSON, like every other demo response."""
     return _error(404, "none", f"no demo service at {request.path}")
@@ -573,7 +597,7 @@ async def _not_found(request: web.Request) -> web.Response:
 
 def create_demo_app(knobs: Knobs | None = None) -> web.Application:
     """Build the demo app, so tests can serve it in-process and run_demo can serve it for real."""
-    app = web.Application()
+    app = web.Application(middlewares=[_record])
     app[KNOBS_KEY] = knobs or Knobs()
     app[STATS_KEY] = Stats()
     app.router.add_routes(
@@ -587,6 +611,7 @@ def create_demo_app(knobs: Knobs | None = None) -> web.Application:
             web.get("/healthz", _healthz),
             web.get("/_stats", _stats),
             web.post("/_reset", _reset),
+            web.get("/_requests", _requests),
             web.route("*", "/{tail:.*}", _not_found),
         ]
     )
