@@ -300,9 +300,7 @@ class ASGIAdapter:
             # A fresh cache hit is answered here, before Flask: no greenlet, no routing, no
             # fan-out machinery. Anything else continues into Flask with what was looked up.
             answer, hint = await fast_path(
-                scope["path"],
-                scope["query_string"].decode("latin-1"),
-                _header(scope, b"if-none-match"),
+                scope["path"], scope["query_string"].decode("latin-1"), scope["headers"]
             )
             if answer is not None:
                 await _send_answer(send, answer, head=scope["method"] == "HEAD")
@@ -367,13 +365,6 @@ class ASGIAdapter:
         status, headers = started[0]
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         return int(status.split(" ", 1)[0]), raw, payload
-
-
-def _header(scope: HTTPScope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 async def _send_answer(send: ASGISendCallable, answer: FastAnswer, *, head: bool) -> None:

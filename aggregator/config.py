@@ -250,6 +250,10 @@ class AggregateConfig(_Strict):
     stale_if_error_ttl: float = Field(default=0.0, ge=0, le=604_800)
     #: Parameter sets `aggregator warm --all` fills before traffic arrives.
     warm: list[dict[str, ParamValue]] = Field(default_factory=list)
+    #: Request headers the answer depends on (e.g. a tenant header an authenticating gateway
+    #: sets): their values become part of the cache key, and requests with credentials may
+    #: then share entries with requests of the same values (aggregator.cache.privacy).
+    cache_vary: list[str] = Field(default_factory=list, max_length=8)
 
     @field_validator("params", mode="before")
     @classmethod
@@ -265,6 +269,17 @@ class AggregateConfig(_Strict):
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise ValueError(f"{name!r} is not a valid parameter name")
         return value
+
+    @field_validator("cache_vary", mode="after")
+    @classmethod
+    def _vary_names(cls, value: list[str]) -> list[str]:
+        names = [name.lower() for name in value]
+        for name in names:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", name):
+                raise ValueError(f"{name!r} is not a header name (letters, digits and -)")
+        if len(set(names)) != len(names):
+            raise ValueError("lists a header twice")
+        return names
 
     def typed_params(self, raw: Mapping[str, object]) -> dict[str, ParamValue]:
         """Values given outside a query string (JSON, TOML, `--param`), typed like one.

@@ -281,12 +281,20 @@ def _envelope_headers(*, cached: bool) -> JSONDict:
             "One entry per source this request waited for, then `cache` and `total` (ms).",
             required=True,
         ),
-        "Cache-Control": _header("`max-age=N` for a cacheable answer, else `no-store`."),
+        "Cache-Control": _header(
+            "`max-age=N` for a cacheable answer, else `no-store`; prefixed `private, ` when "
+            "the request carried Authorization or Cookie."
+        ),
     }
     if cached:
         headers["X-Cache"] = _header(
             "Where the answer came from (absent when the aggregate is not cached).",
             {"enum": ["HIT", "STALE", "MISS", "BYPASS"]},
+        )
+        headers["X-Cache-Bypass"] = _header(
+            "Why the cache was skipped: `credentials` (the request carried Authorization or "
+            "Cookie) or `backend` (the cache backend is unreachable).",
+            {"enum": ["credentials", "backend"]},
         )
         headers["ETag"] = _header("Send it back in If-None-Match to get a 304.")
         headers["Age"] = _header("Seconds since the answer was stored.")
@@ -318,6 +326,17 @@ def _aggregate_operation(config: AppConfig, name: str, agg: AggregateConfig) -> 
             "schema": {"type": "string"},
         }
     )
+    for header in agg.cache_vary:
+        parameters.append(
+            {
+                "name": header,
+                "in": "header",
+                "required": False,
+                "description": "Part of the cache key (`cache_vary`): answers are shared only "
+                "between requests with the same value.",
+                "schema": {"type": "string"},
+            }
+        )
     return {
         "tags": ["aggregates"],
         "operationId": f"aggregate_{name}",

@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 
 from aggregator import create_app, create_asgi_app
-from aggregator.cache import AggregateCache, Filled, purge
+from aggregator.cache import AggregateCache, Caller, Filled, purge
 from aggregator.cache.backends import build_cache
 from aggregator.cache.entries import aggregate_key, canonical_params
 from aggregator.cache.service import Answer
@@ -151,16 +151,16 @@ async def test_etag_and_if_none_match_give_304_without_a_body():
     service, _, _ = make_cache()
     miss = await service.answer("dash", P, None)
     etag = headers(miss)["ETag"]
-    hit_304 = await service.answer("dash", P, etag)
-    weak_list = await service.answer("dash", P, f'"other", W/{etag}')
-    changed = await service.answer("dash", P, '"something-else"')
+    hit_304 = await service.answer("dash", P, Caller(etag))
+    weak_list = await service.answer("dash", P, Caller(f'"other", W/{etag}'))
+    changed = await service.answer("dash", P, Caller('"something-else"'))
     assert (hit_304.status, hit_304.body) == (304, b"")
     assert headers(hit_304)["ETag"] == etag
     assert weak_list.status == 304
     assert changed.status == 200 and changed.body == miss.body
     # a miss with a matching If-None-Match (another replica served it) is a 304 too
     service2, _, _ = make_cache()
-    assert (await service2.answer("dash", P, etag)).status == 304
+    assert (await service2.answer("dash", P, Caller(etag))).status == 304
 
 
 async def test_stale_while_revalidate_serves_at_once_and_refreshes_once_in_background():

@@ -8,6 +8,7 @@ import re
 import httpx
 import pytest
 
+from aggregator.cache import Caller
 from aggregator.cache.service import Answer
 from tests.test_cache import P, headers, make_cache
 
@@ -57,7 +58,7 @@ async def test_hit_has_cache_and_total_but_no_source_that_did_not_run():
 async def test_fast_path_hit_times_the_whole_fast_answer():
     service, _, _ = make_cache()
     await service.answer("dash", P, None)
-    answer, _ = await service.fast_answer("/dash", "city=Paris", None)
+    answer, _ = await service.fast_answer("/dash", "city=Paris", [])
     assert answer is not None
     entries = timing(answer)
     assert list(entries) == ["cache", "total"] and entries["cache"][1] == "hit"
@@ -120,7 +121,7 @@ async def test_stale_answer_says_stale():
 async def test_not_modified_carries_timing_too():
     service, _, _ = make_cache()
     first = await service.answer("dash", P, None)
-    again = await service.answer("dash", P, headers(first)["ETag"])
+    again = await service.answer("dash", P, Caller(headers(first)["ETag"]))
     assert again.status == 304
     assert list(timing(again)) == ["cache", "total"]
 

@@ -19,6 +19,7 @@ from aggregator.cache.entries import (
     encode_marker,
     source_marker,
 )
+from aggregator.cache.privacy import Caller, caller_from_headers
 from aggregator.cache.service import AggregateCache, Filled, FillFn, Lookup, parse_query
 from aggregator.cache.sources import SourceCache
 from aggregator.cache.store import CacheStore, CacheUnavailableError
@@ -55,13 +56,15 @@ async def purge(
 
     Whole aggregates and upstreams are purged with a marker holding the purge time (entries
     stored before it read as misses), which works the same on every backend without listing
-    keys. Returns what was purged, for the caller to report.
+    keys. An aggregate with `cache_vary` keeps one entry per parameter set and header values,
+    so purging one parameter set purges the whole aggregate. Returns what was purged, for the
+    caller to report.
     """
     config = service.config
     now = service.clock()
     purged: list[str] = []
     service.forget_local()
-    if aggregate is not None and params is not None:
+    if aggregate is not None and params is not None and not config.aggregates[aggregate].cache_vary:
         key = aggregate_key(aggregate, params)
         await service.store.delete_many(key)
         purged.append(key)
@@ -80,11 +83,13 @@ async def purge(
 
 __all__ = [
     "AggregateCache",
+    "Caller",
     "CacheUnavailableError",
     "FillFn",
     "Filled",
     "Lookup",
     "SourceCache",
+    "caller_from_headers",
     "init_app",
     "parse_query",
     "purge",

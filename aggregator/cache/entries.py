@@ -88,8 +88,10 @@ def canonical_params(params: Mapping[str, ParamValue]) -> str:
     )
 
 
-def aggregate_key(name: str, params: Mapping[str, ParamValue]) -> str:
-    return f"agg:{name}:{canonical_params(params)}"
+def aggregate_key(name: str, params: Mapping[str, ParamValue], vary: str = "") -> str:
+    """`vary` is the digest of the request's `cache_vary` headers (`privacy.vary_digest`)."""
+    key = f"agg:{name}:{canonical_params(params)}"
+    return f"{key}|vary={vary}" if vary else key
 
 
 def source_key(upstream: str, url: str) -> str:

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import parse_qs
@@ -41,6 +41,7 @@ from aggregator.cache.entries import (
     etag_for,
     lock_key,
 )
+from aggregator.cache.privacy import ANONYMOUS, Caller, caller_from_asgi
 from aggregator.cache.store import CacheStore, CacheUnavailableError
 from aggregator.config import AppConfig, ParamValue
 from aggregator.errors import InvalidRequestError
@@ -88,6 +89,7 @@ class Lookup:
     params: Mapping[str, ParamValue]
     state: State
     entry: AggregateEntry | None = None
+    vary: str = ""  # the key's `cache_vary` digest (privacy.Caller.vary)
     #: perf_counter() when the request's handling began, and ms the lookup took (Server-Timing).
     started: float = 0.0
     ms: float = 0.0
@@ -141,6 +143,10 @@ class AggregateCache:
         self._fill_fn = fill
         self.clock = clock
         self._routes = {agg.path: name for name, agg in config.aggregates.items()}
+        #: Per aggregate, its `cache_vary` header names as the fast path meets them.
+        self._vary = {
+            name: tuple(h.encode() for h in a.cache_vary) for name, a in config.aggregates.items()
+        }
         self._inflight: dict[str, asyncio.Task[Filled]] = {}
         # The near cache: key -> (entry, monotonic time until which it may be reused).
         self._local: OrderedDict[str, tuple[AggregateEntry, float]] = OrderedDict()
@@ -168,36 +174,41 @@ class AggregateCache:
         return agg.cache_ttl > 0 or agg.cache_partial_ttl is not None
 
     async def lookup(
-        self, name: str, params: Mapping[str, ParamValue], *, started: float | None = None
+        self,
+        name: str,
+        params: Mapping[str, ParamValue],
+        *,
+        started: float | None = None,
+        vary: str = "",
     ) -> Lookup:
         """What the cache holds for the key, timed; `started` is when the request began."""
         begun = time.perf_counter()
-        found = await self._lookup(name, params)
+        found = await self._lookup(name, params, vary)
         ms = (time.perf_counter() - begun) * 1000
         return dataclasses.replace(found, started=begun if started is None else started, ms=ms)
 
-    async def _lookup(self, name: str, params: Mapping[str, ParamValue]) -> Lookup:
+    async def _lookup(self, name: str, params: Mapping[str, ParamValue], vary: str) -> Lookup:
         if not self.caches(name):
-            return Lookup(name, params, "off")
-        key = aggregate_key(name, params)
+            return Lookup(name, params, "off", vary=vary)
+        key = aggregate_key(name, params, vary)
         near = self._near(key)
         if near is not None:
-            return Lookup(name, params, "fresh", near)
+            return Lookup(name, params, "fresh", near, vary)
         try:
             raw, marker = await self.store.get_many(key, aggregate_marker(name))
         except CacheUnavailableError:
-            return Lookup(name, params, "bypass")
+            return Lookup(name, params, "bypass", vary=vary)
         entry = decode_aggregate(raw)
         if entry is None:
             if raw is not None:
                 logger.info("cache entry %s is unreadable; treating it as a miss", key)
-            return Lookup(name, params, "miss")
+            return Lookup(name, params, "miss", vary=vary)
         if entry.meta.stored <= decode_marker(marker):
-            return Lookup(name, params, "miss")  # purged after it was stored
+            return Lookup(name, params, "miss", vary=vary)  # purged after it was stored
         freshness = entry.meta.freshness(self.clock())
         if freshness == "fresh":
             self._remember(key, entry)
-        return Lookup(name, params, freshness, entry)
+        return Lookup(name, params, freshness, entry, vary)
 
     def _near(self, key: str) -> AggregateEntry | None:
         """The near cache's fresh entry for `key`, if it has one."""
@@ -223,20 +234,28 @@ class AggregateCache:
         self._local.clear()
 
     async def fast_answer(
-        self, path: str, query_string: str, if_none_match: str | None
+        self, path: str, query_string: str, headers: Iterable[tuple[bytes, bytes]]
     ) -> tuple[Answer | None, Lookup | None]:
-        """For the adapter, before Flask: the answer to a fresh hit, else what we looked up."""
+        """For the adapter, before Flask: the answer to a fresh hit, else what we looked up.
+
+        Same rule as `answer`: a request with credentials shares no entry unless the aggregate
+        declares `cache_vary` (then its key has their values); otherwise Flask answers it.
+        """
         started = time.perf_counter()
         name = self._routes.get(path)
         if name is None or not self.caches(name):
             return None, None
+        vary = self._vary[name]
+        caller = caller_from_asgi(headers, vary)
+        if caller.credentials and not vary:
+            return None, None  # the view answers it privately
         try:
             params = self.config.aggregates[name].parse_params(parse_query(query_string))
         except InvalidRequestError:
             return None, None  # Flask renders the 400
-        lookup = await self.lookup(name, params, started=started)
+        lookup = await self.lookup(name, params, started=started, vary=caller.vary)
         if lookup.state == "fresh" and lookup.entry is not None:
-            return self._from_entry(lookup.entry, "HIT", if_none_match, lookup), None
+            return self._from_entry(lookup.entry, "HIT", caller, lookup), None
         return None, lookup
 
     # -- answering --------------------------------------------------------------------------
@@ -245,40 +264,55 @@ class AggregateCache:
         self,
         name: str,
         params: Mapping[str, ParamValue],
-        if_none_match: str | None,
+        caller: Caller | None = None,
         lookup: Lookup | None = None,
     ) -> Answer:
-        """The response for one request of aggregate `name`."""
-        if lookup is None or lookup.name != name or lookup.params != params:
-            lookup = await self.lookup(name, params)
+        """The response for one request of aggregate `name` (`caller`: what its headers say)."""
+        caller = caller or ANONYMOUS
+        if caller.credentials and not self._vary[name]:
+            return await self._answer_privately(name, params, caller)
+        vary = caller.vary
+        if lookup is None or (lookup.name, lookup.params, lookup.vary) != (name, params, vary):
+            lookup = await self.lookup(name, params, vary=vary)
         if lookup.state == "fresh" and lookup.entry is not None:
-            return self._from_entry(lookup.entry, "HIT", if_none_match, lookup)
+            return self._from_entry(lookup.entry, "HIT", caller, lookup)
         if lookup.state == "stale" and lookup.entry is not None:
-            self._refresh_in_background(name, params)
-            return self._from_entry(lookup.entry, "STALE", if_none_match, lookup)
+            self._refresh_in_background(name, params, vary)
+            return self._from_entry(lookup.entry, "STALE", caller, lookup)
         if lookup.state == "off":
             filled = await self._fill_fn(name, params)  # not cached: a disconnect cancels it
-            return self._from_filled(filled, None, 0, None, lookup)
+            return self._from_filled(filled, None, 0, caller, lookup)
         # Cache down (bypass) too: concurrent requests still share one fan-out per process, so
         # a cache outage never multiplies the load on upstreams.
-        filled = await self._single_flight(name, params)
+        filled = await self._single_flight(name, params, vary)
         if filled.entry is not None:
-            return self._from_entry(filled.entry, "HIT", if_none_match, lookup, filled)
+            return self._from_entry(filled.entry, "HIT", caller, lookup, filled)
         if filled.status >= 500 and lookup.entry is not None:
             if lookup.state in ("stale_if_error", "stale"):
                 logger.info("serving stale %s: its refresh answered %d", name, filled.status)
-                return self._from_entry(lookup.entry, "STALE", if_none_match, lookup, filled)
+                return self._from_entry(lookup.entry, "STALE", caller, lookup, filled)
         if lookup.state == "bypass":
-            return self._from_filled(filled, "BYPASS", 0, if_none_match, lookup)
+            return self._from_filled(filled, "BYPASS", 0, caller, lookup, bypass="backend")
         ttl = aggregate_ttls(self.config.aggregates[name], filled.complete)
         max_age = ttl if filled.status == 200 else 0
-        return self._from_filled(filled, "MISS", max_age, if_none_match, lookup)
+        return self._from_filled(filled, "MISS", max_age, caller, lookup)
+
+    async def _answer_privately(
+        self, name: str, params: Mapping[str, ParamValue], caller: Caller
+    ) -> Answer:
+        """A fan-out of this request's own, neither read from nor written to the cache, and not
+        the single-flight fill other requests share (privacy module docstring)."""
+        lookup = Lookup(name, params, "bypass" if self.caches(name) else "off")
+        lookup = dataclasses.replace(lookup, started=time.perf_counter())
+        filled = await self._fill_fn(name, params)
+        how = "BYPASS" if lookup.state == "bypass" else None
+        return self._from_filled(filled, how, 0, caller, lookup, bypass="credentials")
 
     def _from_entry(
         self,
         entry: AggregateEntry,
         how: str,
-        if_none_match: str | None,
+        caller: Caller,
         lookup: Lookup,
         filled: Filled | None = None,
     ) -> Answer:
@@ -287,15 +321,18 @@ class AggregateCache:
         meta = entry.meta
         age = meta.age(self.clock())
         max_age = max(0, int(meta.ttl - age)) if how == "HIT" else 0
+        private = "private, " if caller.credentials else ""
         headers = [
             ("ETag", meta.etag),
             ("X-Cache", how),
             ("Age", str(int(age))),
-            ("Cache-Control", f"max-age={max_age}"),
+            ("Cache-Control", f"{private}max-age={max_age}"),
             ("X-Aggregate-Complete", "true" if meta.complete else "false"),
             ("Server-Timing", _server_timing(how.lower(), lookup, filled)),
         ]
-        if meta.status == 200 and etag_matches(if_none_match, meta.etag):
+        if self._vary[lookup.name]:
+            headers.append(("Vary", ", ".join(self.config.aggregates[lookup.name].cache_vary)))
+        if meta.status == 200 and etag_matches(caller.if_none_match, meta.etag):
             return Answer(304, headers, b"")
         return Answer(meta.status, [("Content-Type", "application/json"), *headers], entry.body)
 
@@ -304,22 +341,30 @@ class AggregateCache:
         filled: Filled,
         how: str | None,
         ttl: float,
-        if_none_match: str | None,
+        caller: Caller,
         lookup: Lookup,
+        *,
+        bypass: str = "",
     ) -> Answer:
+        """Answer with a fresh fan-out; `bypass` says why the cache was skipped, if it was."""
         timing = _server_timing("off" if how is None else how.lower(), lookup, filled)
+        private = "private, " if caller.credentials else ""
         headers = [
             ("X-Aggregate-Complete", "true" if filled.complete else "false"),
             ("Server-Timing", timing),
-            ("Cache-Control", f"max-age={int(ttl)}" if ttl > 0 else "no-store"),
+            ("Cache-Control", private + (f"max-age={int(ttl)}" if ttl > 0 else "no-store")),
         ]
         if how is not None:
             self.metrics.cache_result(lookup.name, how)
             headers += [("X-Cache", how), ("Age", "0")]
+        if bypass:
+            headers.append(("X-Cache-Bypass", bypass))
+        if self._vary[lookup.name]:
+            headers.append(("Vary", ", ".join(self.config.aggregates[lookup.name].cache_vary)))
         if filled.status == 200:
             etag = etag_for(filled.body)
             headers.append(("ETag", etag))
-            if etag_matches(if_none_match, etag):
+            if etag_matches(caller.if_none_match, etag):
                 return Answer(304, headers, b"")
         return Answer(filled.status, [("Content-Type", "application/json"), *headers], filled.body)
 
@@ -369,6 +414,7 @@ class AggregateCache:
         self,
         name: str,
         params: Mapping[str, ParamValue],
+        vary: str = "",
         *,
         force: bool = False,
         waiter: bool = False,
@@ -377,13 +423,13 @@ class AggregateCache:
 
         `waiter`: a request will await the task; joining one under way is counted as coalesced.
         """
-        key = aggregate_key(name, params)
+        key = aggregate_key(name, params, vary)
         task = self._inflight.get(key)
         if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
             if waiter:
                 self.metrics.coalesced(name, "worker")
             return task
-        fill = self._fill_and_store(name, params, key, force=force)
+        fill = self._fill_and_store(name, params, key, vary, force=force)
         task = asyncio.create_task(fill, name=f"fill:{key}")
         self._inflight[key] = task
         task.add_done_callback(lambda t: self._forget(key, t))
@@ -395,8 +441,10 @@ class AggregateCache:
         if not task.cancelled() and task.exception() is not None:
             logger.error("filling %s failed", key, exc_info=task.exception())
 
-    async def _single_flight(self, name: str, params: Mapping[str, ParamValue]) -> Filled:
-        task = self._task_for(name, params, waiter=True)
+    async def _single_flight(
+        self, name: str, params: Mapping[str, ParamValue], vary: str
+    ) -> Filled:
+        task = self._task_for(name, params, vary, waiter=True)
         try:
             async with asyncio.timeout(self.settings.singleflight_wait):
                 return await asyncio.shield(task)
@@ -408,25 +456,35 @@ class AggregateCache:
             )
             return await self._fill_fn(name, params)
 
-    def _refresh_in_background(self, name: str, params: Mapping[str, ParamValue]) -> None:
+    def _refresh_in_background(
+        self, name: str, params: Mapping[str, ParamValue], vary: str
+    ) -> None:
         if self._loop is not asyncio.get_running_loop():
             # Not started by a lifespan on this loop (Flask's test client, the CLI): a task
             # would die with the request's private loop, so there is no background refresh.
             return
-        self._task_for(name, params)
+        self._task_for(name, params, vary)
 
     async def _fill_and_store(
-        self, name: str, params: Mapping[str, ParamValue], key: str, *, force: bool = False
+        self,
+        name: str,
+        params: Mapping[str, ParamValue],
+        key: str,
+        vary: str,
+        *,
+        force: bool = False,
     ) -> Filled:
         """One fan-out for `key`, stored; `force` (warming) never settles for an older entry."""
         begun = time.perf_counter()
-        filled, fan_out_ms = await self._fill_and_store_untimed(name, params, key, force=force)
+        filled, fan_out_ms = await self._fill_and_store_untimed(
+            name, params, key, vary, force=force
+        )
         # Everything here that is not the fan-out itself is cache I/O (or waiting on it).
         cache_ms = (time.perf_counter() - begun) * 1000 - fan_out_ms
         return dataclasses.replace(filled, cache_ms=max(cache_ms, 0.0))
 
     async def _fill_and_store_untimed(
-        self, name: str, params: Mapping[str, ParamValue], key: str, *, force: bool
+        self, name: str, params: Mapping[str, ParamValue], key: str, vary: str, *, force: bool
     ) -> tuple[Filled, float]:
         """`_fill_and_store`, and the ms its fan-out took (0 when another fill answered)."""
         agg = self.config.aggregates[name]
@@ -437,7 +495,7 @@ class AggregateCache:
         if token is None:  # another process is filling this key: wait for its entry
             self.metrics.coalesced(name, "shared")
             newer_than = started if force else 0.0
-            entry = await self._await_entry(name, params, key, agg.deadline + 1.0, newer_than)
+            entry = await self._await_entry(name, params, vary, agg.deadline + 1.0, newer_than)
             if entry is not None:
                 return Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry), 0.0
         try:
@@ -447,7 +505,7 @@ class AggregateCache:
                 # that we hold the Redis lock, another process's that released it (read again).
                 entry = self._near(key)
                 if entry is None and (token or self._local_ttl <= 0):
-                    again = await self.lookup(name, params)
+                    again = await self.lookup(name, params, vary=vary)
                     entry = again.entry if again.state == "fresh" else None
                 if entry is not None:
                     filled = Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry)
@@ -467,14 +525,14 @@ class AggregateCache:
         self,
         name: str,
         params: Mapping[str, ParamValue],
-        key: str,
+        vary: str,
         limit: float,
         newer_than: float = 0.0,
     ) -> AggregateEntry | None:
         deadline = time.monotonic() + min(limit, self.settings.singleflight_wait)
         while time.monotonic() < deadline:
             await asyncio.sleep(_POLL)
-            lookup = await self.lookup(name, params)
+            lookup = await self.lookup(name, params, vary=vary)
             entry = lookup.entry
             if lookup.state == "fresh" and entry is not None and entry.meta.stored >= newer_than:
                 return entry

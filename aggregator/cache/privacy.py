@@ -1,0 +1,67 @@
+"""Who may share a cached answer: requests with credentials never share one across users.
+
+A request carrying `Authorization` or `Cookie` may be answered per user, so unless its aggregate
+declares `cache_vary` it bypasses the aggregate cache: no lookup, no store, and a fan-out of its
+own (not the single-flight fill of other requests), answered with `X-Cache: BYPASS`,
+`X-Cache-Bypass: credentials` and `Cache-Control: private, no-store`. An aggregate that declares
+`cache_vary = ["X-Tenant"]` says its answers depend on those headers only (set by an
+authenticating gateway); their values become part of the cache key, so requests share entries
+only with requests that carry the same values, and answers to requests with credentials are
+`private`. The fast path before Flask and the view read the same things from the headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+CREDENTIAL_HEADERS = ("authorization", "cookie")
+_CREDENTIALS = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """What the cache needs from a request's headers."""
+
+    if_none_match: str | None = None
+    #: It carries Authorization or Cookie.
+    credentials: bool = False
+    #: A digest of its `cache_vary` header values; empty when the aggregate declares none.
+    vary: str = ""
+
+
+ANONYMOUS = Caller()
+
+
+def vary_digest(values: Sequence[str]) -> str:
+    """The cache key's part for these header values (hashed: no tenant or secret in key names)."""
+    return hashlib.sha256("\0".join(values).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def caller_from_asgi(headers: Iterable[tuple[bytes, bytes]], vary: Sequence[bytes]) -> Caller:
+    """From raw ASGI headers, as WSGI would see them: `_` in a name reads as `-`, and repeated
+    headers are joined with `,` (asgiref's environ), so the fast path and the view agree."""
+    if_none_match: list[bytes] = []
+    credentials = False
+    found: dict[bytes, list[bytes]] = {}
+    for raw_name, value in headers:
+        name = raw_name.replace(b"_", b"-") if b"_" in raw_name else raw_name
+        if name == b"if-none-match":
+            if_none_match.append(value)
+        elif name in _CREDENTIALS:
+            credentials = credentials or bool(value.strip())
+        if vary and name in vary:
+            found.setdefault(name, []).append(value)
+    return Caller(
+        b",".join(if_none_match).decode("latin-1") if if_none_match else None,
+        credentials,
+        vary_digest([b",".join(found.get(n, ())).decode("latin-1") for n in vary]) if vary else "",
+    )
+
+
+def caller_from_headers(get: Callable[[str], str | None], vary: Sequence[str]) -> Caller:
+    """From a mapping of header values (werkzeug's `request.headers.get`)."""
+    credentials = any((get(name) or "").strip() for name in CREDENTIAL_HEADERS)
+    digest = vary_digest([get(name) or "" for name in vary]) if vary else ""
+    return Caller(get("If-None-Match"), credentials, digest)
