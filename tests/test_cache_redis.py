@@ -11,23 +11,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
-import shutil
-import signal
-import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
 
-from aggregator.demo.process import free_port
-from tests.conftest import reset_demo
+from tests.conftest import PrivateRedis, reset_demo
 from tests.test_cache_backends import (
     GARBAGE,
     QUERY,
@@ -50,99 +44,6 @@ from tests.test_cache_backends import (
 pytestmark = pytest.mark.integration
 
 SHARED_REDIS = ("127.0.0.1", 6379)
-
-
-class PrivateRedis:
-    """A `redis-server` child on a free loopback port, ours to kill, pause and restart."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.paused = False
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(
-            host="127.0.0.1", port=self.port, socket_timeout=2, socket_connect_timeout=2
-        )
-
-    def start(self, timeout: float = 10.0) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.fail("redis-server is not installed; these tests (and .ci/run) need it")
-        cmd = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        cmd += ["--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir)]
-        log = self.workdir / f"redis-{self.port}.log"
-        with log.open("ab") as out:
-            self.popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited {self.popen.returncode}:\n{log.read_text()}"
-                )
-            try:
-                with self.client() as client:
-                    if client.ping():
-                        return
-            except redis.RedisError:
-                time.sleep(0.02)
-        raise RuntimeError(f"redis-server not answering within {timeout} s:\n{log.read_text()}")
-
-    def pause(self) -> None:
-        assert self.popen is not None
-        os.kill(self.popen.pid, signal.SIGSTOP)
-        self.paused = True
-
-    def resume(self) -> None:
-        assert self.popen is not None
-        os.kill(self.popen.pid, signal.SIGCONT)
-        self.paused = False
-
-    def kill(self) -> None:
-        assert self.popen is not None
-        self.popen.kill()
-        self.popen.wait(5)
-
-    def begin_outage(self, outage: str) -> None:
-        """killed: connections are refused; paused: accepted but never answered."""
-        if outage == "killed":
-            self.kill()
-        else:
-            self.pause()
-
-    def end_outage(self, outage: str) -> None:
-        """A new server on the same port, or SIGCONT."""
-        if outage == "killed":
-            self.start()
-        else:
-            self.resume()
-
-    def stop(self) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        if self.paused:
-            self.resume()
-        self.popen.terminate()
-        try:
-            self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,17 +13,6 @@ from aggregator.config import parse_config
 from aggregator.errors import ConfigError
 from tests.conftest import ROOT
 from tests.test_cache_backends import cached_config, serving
-from tests.test_cache_redis import PrivateRedis
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_healthz_is_liveness_only(client):

@@ -9,6 +9,7 @@ a minute when the server accepts connections but never answers.
 
 from __future__ import annotations
 
+import logging
 from typing import IO, Any
 
 from cachelib.serializers import BaseSerializer
@@ -17,6 +18,8 @@ from flask_caching import Cache, backends
 
 from aggregator.errors import ConfigError
 from aggregator.settings import PER_PROCESS_CACHES, Settings
+
+logger = logging.getLogger(__name__)
 
 
 class _RawBytes(BaseSerializer):
@@ -53,7 +56,32 @@ class SimpleCache(backends.SimpleCache):
 
 
 class FileSystemCache(backends.FileSystemCache):
+    """An unusable directory is an outage like a Redis that is down, not a crash or a silent
+    miss: start-up goes on (`/readyz` reports it), and a write that fails raises, so the store
+    serves uncached (BYPASS) and backs off, instead of filling and losing every entry."""
+
     serializer = _RawBytes()  # type: ignore[assignment]
+
+    def __init__(self, cache_dir: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().__init__(cache_dir, *args, **kwargs)
+        except OSError as exc:
+            # cachelib creates the directory and writes its file count here; every later call
+            # fails (and is reported by the store) until the directory is usable.
+            logger.warning("cache directory %s is unusable: %s; serving uncached", cache_dir, exc)
+
+    @property
+    def _file_count(self) -> int:
+        # cachelib keeps its own file count in a file of the directory and compares it with the
+        # threshold on every write: a count file holding anything but our int (written by hand,
+        # corrupted) would fail every write forever. Read it as 0 and it heals on the next one.
+        count = self.get(self._fs_count_file)
+        return count if isinstance(count, int) else 0
+
+    def set(self, key: str, value: Any, timeout: Any = None, mgmt_element: bool = False) -> bool:
+        if not super().set(key, value, timeout, mgmt_element):  # cachelib logs and says False
+            raise OSError(f"could not write a cache file in {self._path}")
+        return True
 
 
 class RedisCache(backends.RedisCache):
