@@ -34,6 +34,7 @@ _ERROR_STATUSES = {
     404: "An unknown aggregate or upstream name; `field` says which.",
     409: "The cache lives inside each worker process: warming one helps nobody.",
     413: "The request body is over AGGREGATOR_MAX_REQUEST_BODY.",
+    431: "More request headers, or bytes of them, than AGGREGATOR_MAX_REQUEST_HEADERS(_BYTES).",
     503: "The cache backend is unreachable.",
 }
 
@@ -359,6 +360,7 @@ def _aggregate_operation(config: AppConfig, name: str, agg: AggregateConfig) -> 
             },
             "400": _error(400),
             "413": _error(413),
+            "431": _error(431),
             "502": _json_response(
                 "A required source failed, or every source did; the envelope says what arrived.",
                 envelope,
@@ -390,6 +392,7 @@ def _twin_operation(name: str, agg: AggregateConfig, prefix: str) -> JSONDict:
             "200": _json_response("As the aggregate.", envelope, headers=headers),
             "400": _error(400),
             "413": _error(413),
+            "431": _error(431),
             "502": _json_response(
                 "A required source failed, or every source did.", envelope, headers=headers
             ),
@@ -442,7 +445,7 @@ def _admin_paths() -> JSONDict:
                 },
                 "responses": {
                     "200": _json_response("What was purged.", _ref("PurgeResult")),
-                    **{str(s): _error(s) for s in (400, 401, 403, 404, 413, 503)},
+                    **{str(s): _error(s) for s in (400, 401, 403, 404, 413, 431, 503)},
                 },
             }
         },
@@ -458,7 +461,7 @@ def _admin_paths() -> JSONDict:
                 "responses": {
                     "200": _json_response("What warming did.", _ref("WarmResult")),
                     "409": _json_response(_ERROR_STATUSES[409], _ref("NotWarmable")),
-                    **{str(s): _error(s) for s in (400, 401, 403, 404, 413)},
+                    **{str(s): _error(s) for s in (400, 401, 403, 404, 413, 431)},
                 },
             }
         },
