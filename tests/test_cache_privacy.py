@@ -192,15 +192,20 @@ def test_what_the_fast_path_reads_from_raw_headers(raw, expected):
 
 
 @pytest.mark.parametrize(
-    "raw",
+    ("raw", "vary"),
     [
-        pytest.param([(b"x-tenant", b"acme")], id="one"),
-        pytest.param([(b"x_tenant", b"acme")], id="underscore"),
-        pytest.param([(b"x-tenant", b"ac"), (b"x-tenant", b"me")], id="repeated"),
-        pytest.param([], id="absent"),
+        pytest.param([(b"x-tenant", b"acme")], ["x-tenant"], id="one"),
+        pytest.param([(b"x_tenant", b"acme")], ["x-tenant"], id="underscore"),
+        pytest.param([(b"x-tenant", b"ac"), (b"x-tenant", b"me")], ["x-tenant"], id="repeated"),
+        pytest.param([], ["x-tenant"], id="absent"),
+        pytest.param(
+            [(b"x-region", b"eu"), (b"x-tenant", b"acme")], ["x-tenant", "x-region"], id="two"
+        ),
+        pytest.param([(b"authorization", b"Bearer a")], ["authorization"], id="credential"),
+        pytest.param([(b"cookie", b"s=1"), (b"cookie", b"t=2")], ["cookie"], id="cookies"),
     ],
 )
-def test_the_fast_path_and_the_view_derive_the_same_vary_digest(raw, config_path):
+def test_the_fast_path_and_the_view_derive_the_same_caller(raw, vary, config_path):
     # The view reads the WSGI environ the adapter builds (asgiref's) from the same raw headers.
     settings = Settings(config=config_path)
     app = create_app(settings)
@@ -208,9 +213,12 @@ def test_the_fast_path_and_the_view_derive_the_same_vary_digest(raw, config_path
     environ = ASGIAdapter(app, settings)._environ(scope, b"")
 
     with app.request_context(environ):
-        from_view = caller_from_headers(request.headers.get, ["x-tenant"])
+        from_view = caller_from_headers(request.headers.get, vary)
+    from_fast_path = caller_from_asgi(raw, tuple(name.encode() for name in vary))
 
-    assert caller_from_asgi(raw, (b"x-tenant",)).vary == from_view.vary
+    assert from_fast_path == from_view
+    if raw:  # the values count: not the digest of absent headers
+        assert from_fast_path.vary != caller_from_headers(lambda name: None, vary).vary
 
 
 def test_vary_values_are_hashed_into_distinct_keys():

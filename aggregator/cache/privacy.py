@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 CREDENTIAL_HEADERS = ("authorization", "cookie")
 _CREDENTIALS = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """What the cache needs from a request's headers."""
+class Caller(NamedTuple):
+    """What the cache needs from a request's headers (a tuple: built on every fast-path hit)."""
 
     if_none_match: str | None = None
     #: It carries Authorization or Cookie.
@@ -40,21 +39,25 @@ def vary_digest(values: Sequence[str]) -> str:
 
 
 def caller_from_asgi(headers: Iterable[tuple[bytes, bytes]], vary: Sequence[bytes]) -> Caller:
-    """From raw ASGI headers, as WSGI would see them: `_` in a name reads as `-`, and repeated
-    headers are joined with `,` (asgiref's environ), so the fast path and the view agree."""
-    if_none_match: list[bytes] = []
+    """From raw ASGI headers, as WSGI would see them: repeated headers are joined with `,`
+    and, for `cache_vary` names, `_` reads as `-` (asgiref's environ), so the fast path and the
+    view build the same key."""
+    if_none_match: bytes | None = None
     credentials = False
     found: dict[bytes, list[bytes]] = {}
-    for raw_name, value in headers:
-        name = raw_name.replace(b"_", b"-") if b"_" in raw_name else raw_name
+    for name, value in headers:
         if name == b"if-none-match":
-            if_none_match.append(value)
+            if_none_match = value if if_none_match is None else if_none_match + b"," + value
         elif name in _CREDENTIALS:
             credentials = credentials or bool(value.strip())
-        if vary and name in vary:
-            found.setdefault(name, []).append(value)
+            if name in vary:  # cache_vary = ["Authorization"]: one entry per credential
+                found.setdefault(name, []).append(value)
+        elif vary:
+            name = name.replace(b"_", b"-")
+            if name in vary:
+                found.setdefault(name, []).append(value)
     return Caller(
-        b",".join(if_none_match).decode("latin-1") if if_none_match else None,
+        None if if_none_match is None else if_none_match.decode("latin-1"),
         credentials,
         vary_digest([b",".join(found.get(n, ())).decode("latin-1") for n in vary]) if vary else "",
     )
