@@ -30,8 +30,8 @@ _EMPTY: JSONDict = {"const": "", "description": "Empty: the default."}
 _ERROR_STATUSES = {
     400: "A parameter or body field is missing or malformed; `field` names it.",
     401: "No admin token, or the wrong one (`WWW-Authenticate: Bearer`).",
-    403: "The admin endpoints are disabled: the server has no AGGREGATOR_ADMIN_TOKEN.",
-    404: "An unknown aggregate or upstream name; `field` says which.",
+    404: "An unknown aggregate or upstream name (`field` says which), or the admin endpoints "
+    "are disabled: the server has no AGGREGATOR_ADMIN_TOKEN (no `field`).",
     409: "The cache lives inside each worker process: warming one helps nobody.",
     413: "The request body is over AGGREGATOR_MAX_REQUEST_BODY.",
     431: "More request headers, or bytes of them, than AGGREGATOR_MAX_REQUEST_HEADERS(_BYTES).",
@@ -445,7 +445,7 @@ def _admin_paths() -> JSONDict:
                 },
                 "responses": {
                     "200": _json_response("What was purged.", _ref("PurgeResult")),
-                    **{str(s): _error(s) for s in (400, 401, 403, 404, 413, 431, 503)},
+                    **{str(s): _error(s) for s in (400, 401, 404, 413, 431, 503)},
                 },
             }
         },
@@ -461,7 +461,7 @@ def _admin_paths() -> JSONDict:
                 "responses": {
                     "200": _json_response("What warming did.", _ref("WarmResult")),
                     "409": _json_response(_ERROR_STATUSES[409], _ref("NotWarmable")),
-                    **{str(s): _error(s) for s in (400, 401, 403, 404, 413, 431)},
+                    **{str(s): _error(s) for s in (400, 401, 404, 413, 431)},
                 },
             }
         },

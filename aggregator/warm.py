@@ -202,7 +202,8 @@ class HttpWarmer:
             raise NotWarmableError(f"cannot reach {self.url}: {describe_http_error(exc)}") from None
 
     async def warm(self, target: Target, only_missing: bool) -> WarmResult:
-        """One POST; 401, 403 and 409 raise NotWarmableError (they hold for every target)."""
+        """One POST; 401, 409 and a 404 for disabled admin endpoints raise NotWarmableError (they
+        hold for every target); a 404 naming a `field` is this target's unknown name."""
         body = {"aggregate": target.aggregate, "params": target.params}
         try:
             response = await self.client.post(
@@ -212,7 +213,7 @@ class HttpWarmer:
             return WarmResult("failed", detail=f"{self.url}: {describe_http_error(exc)}")
         answer = _json_object(response)
         message = str(answer.get("message") or response.reason_phrase)
-        if response.status_code == 403:
+        if response.status_code == 404 and "field" not in answer:
             raise NotWarmableError(f"{self.url} has its admin endpoints disabled ({message})")
         if response.status_code == 401:
             raise NotWarmableError(

@@ -1,5 +1,6 @@
-"""Admin routes are POST-only and token-only (disabled, 403, without a token); debug is off in
-every shipped configuration; no traceback or exception text ever reaches a response body."""
+"""Admin routes are POST-only and token-only (disabled, 404 like /metrics, without a token);
+debug is off in every shipped configuration; no traceback or exception text ever reaches a
+response body."""
 
 from __future__ import annotations
 
@@ -60,9 +61,10 @@ def test_admin_routes_are_disabled_without_a_token(
 
     response = app.test_client().post(route, json=BODIES[route], headers=headers)
 
-    assert response.status_code == 403
+    assert response.status_code == 404
     assert response.json is not None
-    assert response.json["error"] == "Forbidden"
+    assert response.json["error"] == "Not Found"
+    assert "field" not in response.json  # unlike an unknown aggregate's 404
     assert "disabled" in response.json["message"]
     assert "AGGREGATOR_ADMIN_TOKEN" in response.json["message"]
     assert "WWW-Authenticate" not in response.headers  # no credential would help
@@ -93,8 +95,8 @@ async def test_admin_is_disabled_through_the_asgi_stack_in_every_mode(config_pat
     auth = {"Authorization": f"Bearer {TOKEN}"}
     async with adapter.lifespan(), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         answers = [await c.post(route, json=BODIES[route], headers=auth) for route in ROUTES]
-    assert [r.status_code for r in answers] == [403, 403]
-    assert all(r.json()["error"] == "Forbidden" for r in answers)
+    assert [r.status_code for r in answers] == [404, 404]
+    assert all("disabled" in r.json()["message"] for r in answers)
 
 
 @pytest.mark.integration
@@ -104,7 +106,9 @@ def test_admin_is_disabled_on_real_hypercorn_without_a_token(serve, config_path)
     with httpx.Client(base_url=server.url, trust_env=False, timeout=10) as client:
         posts = [client.post(route, json=BODIES[route], headers=auth) for route in ROUTES]
         gets = [client.get(route, headers=auth) for route in ROUTES]
-    assert [r.status_code for r in posts] == [403, 403]
+    assert [r.status_code for r in posts] == [404, 404]
+    metrics = httpx.get(f"{server.url}/metrics", headers=auth, trust_env=False)
+    assert metrics.status_code == 404  # the other token-guarded route answers alike
     assert [r.status_code for r in gets] == [405, 405]
     assert all(r.headers["content-type"] == "application/json" for r in posts + gets)
 

@@ -703,10 +703,10 @@ async def test_http_warmer_maps_the_answer(
             401, {"message": "the admin token is wrong"}, "AGGREGATOR_ADMIN_TOKEN", id="401"
         ),
         pytest.param(
-            403,
+            404,
             {"message": "the admin endpoints are disabled on this server"},
             "has its admin endpoints disabled",
-            id="403",
+            id="404-disabled",
         ),
         pytest.param(
             409,
@@ -731,7 +731,8 @@ async def test_a_target_the_server_refuses_is_failed_without_retries(
     respx_mock: respx.MockRouter, ten_targets: list[Target]
 ) -> None:
     route = respx_mock.post("/admin/warm").respond(
-        404, json={"error": "Not Found", "message": "unknown aggregate 'board'"}
+        404,
+        json={"error": "Not Found", "message": "unknown aggregate 'board'", "field": "aggregate"},
     )
 
     async with httpx.AsyncClient(base_url=BASE + "/") as client:

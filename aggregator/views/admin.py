@@ -2,10 +2,11 @@
 
 `POST /admin/purge` takes `{"aggregate": NAME}`, `{"aggregate": NAME, "params": {...}}` or
 `{"upstream": NAME}` (aggregate and upstream may be combined). Both routes are POST-only;
-without AGGREGATOR_ADMIN_TOKEN they are disabled (403), never open. Parameters are typed, validated
-and defaulted exactly as a live request's query string, so `{"user_id": "07"}` purges the entry
-that `?user_id=7` filled; a value is its query-string text or the JSON scalar of its declared
-type (`7.0` is the integer 7 to JSON), anything else is a 400, as `/openapi.json` documents.
+without AGGREGATOR_ADMIN_TOKEN they are disabled (404, as `/metrics`), never open.
+Parameters are typed, validated and defaulted exactly as a live request's query string, so
+`{"user_id": "07"}` purges the entry that `?user_id=7` filled; a value is its query-string text
+or the JSON scalar of its declared type (`7.0` is the integer 7 to JSON), anything else is a
+400, as `/openapi.json` documents.
 The token (AGGREGATOR_ADMIN_TOKEN) never appears in a log line or a response. `check_target` is
 shared with `aggregator cache purge`.
 """
@@ -157,17 +158,18 @@ def _typed_params(agg: AggregateConfig, raw: Mapping[str, object]) -> dict[str, 
 
 
 def check_token() -> Response | None:
-    """None when the request carries the admin token, else the 401 (or 403) to send.
+    """None when the request carries the admin token, else the 401 (or 404) to send.
 
-    Without a configured token the endpoints are disabled, not open: 403 whatever the request
-    carries (no credential can help, so no `WWW-Authenticate` challenge either).
+    Without a configured token the endpoints are disabled, not open: 404 whatever the request
+    carries, as `/metrics` answers then (no credential can help, so no `WWW-Authenticate`
+    challenge either); the body says why, without a `field` (an unknown name's 404 has one).
     """
     settings: Settings = current_app.extensions["aggregator.settings"]
     secret = settings.admin_token.get_secret_value() if settings.admin_token else ""
     if not secret:  # an empty token would let `Authorization: Bearer ` in
         logger.warning("admin request refused (endpoints disabled) from %s", request.remote_addr)
         return error_response(
-            403,
+            404,
             "the admin endpoints are disabled on this server: start it with "
             "AGGREGATOR_ADMIN_TOKEN set to a long random secret, then send that as "
             "'Authorization: Bearer <token>'",
