@@ -16,6 +16,15 @@ This adapter answers the ASGI lifespan itself and serves HTTP in one of three mo
 
 Outside a server (Flask's test client, the CLI) there is no greenlet and no server loop:
 `async_to_sync` falls back to asgiref's.
+
+Overload: at most `max_in_flight` requests are inside Flask at once (loop and threads modes);
+one more is answered 503 with `Retry-After` at once, before its body is read, instead of
+waiting in an unbounded queue of greenlets (each holding a connection, memory and, soon, a
+deadline it can no longer meet). Not counted and never refused: fresh cache hits answered by
+the fast path (a fraction of a millisecond of CPU, nothing held while others wait: refusing
+them would turn the cheapest answer into a retry) and the probes in `ALWAYS_ANSWERED` (a busy
+worker is alive and still ready; failing them would restart it or pile its share on others).
+Shutdown: the lifespan waits for requests still in Flask before closing what they use.
 """
 
 from __future__ import annotations
@@ -24,12 +33,14 @@ import asyncio
 import contextvars
 import functools
 import io
+import json
 import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
@@ -55,9 +66,16 @@ if TYPE_CHECKING:
         Scope,
     )
 
+    from aggregator.config import AppConfig
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Paths answered even at the in-flight limit, and not counted in it (see the module docstring).
+ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz"})
+#: Seconds between log lines saying this worker is refusing requests.
+_OVERLOAD_LOG_INTERVAL = 30.0
 
 
 class FastAnswer(Protocol):
@@ -191,6 +209,11 @@ class ASGIAdapter:
         # Aggregate path -> its request metrics; empty when metrics are off (one dict miss).
         recorder: Recorder = app.extensions.get("aggregator.metrics", OFF)
         self._timed = recorder.routes()
+        #: Requests inside Flask now (not fast-path cache hits, not `ALWAYS_ANSWERED` probes).
+        self.in_flight = 0
+        self._max_in_flight = settings.max_in_flight
+        self._overload_answer = _overload_answer(settings)
+        self._overload_logged_at = -_OVERLOAD_LOG_INTERVAL
         self._request_pool: ThreadPoolExecutor | None = None
         self._serial: Callable[..., Awaitable[None]] | None = None
         if self.mode == "threads":
@@ -231,7 +254,8 @@ class ASGIAdapter:
             await start()
 
     async def shutdown(self) -> None:
-        """Close what startup opened, in reverse; pools finish in-flight work first."""
+        """Close what startup opened, in reverse, once the requests in flight are done."""
+        await self._drain()
         for _, stop in reversed(self.app.extensions.get("aggregator.lifespan", [])):
             await stop()
         await upstream.close_shared_client()
@@ -239,6 +263,25 @@ class ASGIAdapter:
         for pool in (self.app.view_pool, self._request_pool):
             if pool is not None:
                 await loop.run_in_executor(None, pool.shutdown)
+
+    async def _drain(self) -> None:
+        """Wait for requests still inside Flask, so closing the client never cuts one off.
+
+        Under Hypercorn this returns at once: it sends the lifespan shutdown only after its
+        connections have finished, or its `graceful_timeout` has cancelled them. Other servers
+        and tests may send it earlier. Bounded by the longest aggregate deadline plus a second:
+        a request still running after that is stuck, and waiting longer would not help it.
+        """
+        if not self.in_flight:
+            return
+        config: AppConfig = self.app.extensions["aggregator.config"]
+        bound = max((a.deadline for a in config.aggregates.values()), default=0.0) + 1.0
+        loop = asyncio.get_running_loop()
+        until = loop.time() + bound
+        while self.in_flight and loop.time() < until:
+            await asyncio.sleep(0.02)
+        if self.in_flight:
+            logger.warning("shutting down with %d requests still in flight", self.in_flight)
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[ASGIAdapter]:
@@ -306,6 +349,34 @@ class ASGIAdapter:
                 await _send_answer(send, answer, head=scope["method"] == "HEAD")
                 sent: int = answer.status
                 return sent
+        if scope["path"] in ALWAYS_ANSWERED:
+            return await self._flask(scope, receive, send, hint)
+        if 0 < self._max_in_flight <= self.in_flight:
+            self._log_overload()
+            await _send_answer(send, self._overload_answer, head=scope["method"] == "HEAD")
+            return 503
+        self.in_flight += 1
+        try:
+            return await self._flask(scope, receive, send, hint)
+        finally:
+            self.in_flight -= 1
+
+    def _log_overload(self) -> None:
+        now = time.monotonic()
+        if now - self._overload_logged_at >= _OVERLOAD_LOG_INTERVAL:
+            self._overload_logged_at = now
+            logger.warning(
+                "refusing requests with 503: %d already in flight (AGGREGATOR_MAX_IN_FLIGHT)",
+                self.in_flight,
+            )
+
+    async def _flask(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable, hint: Any
+    ) -> int:
+        """Read the body, run the WSGI app (greenlet or pool thread), send its response.
+
+        The status sent, or CLIENT_LEFT when the client went first.
+        """
         body = await requestlimits.read_body(scope, receive, send, self.settings)
         if isinstance(body, int):
             return body
@@ -365,6 +436,34 @@ class ASGIAdapter:
         status, headers = started[0]
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         return int(status.split(" ", 1)[0]), raw, payload
+
+
+@dataclass(slots=True)
+class _Answer:
+    """A response the adapter sends itself (the FastAnswer shape)."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def _overload_answer(settings: Settings) -> _Answer:
+    """The 503 for a request over the in-flight limit, in the one JSON error shape (built once)."""
+    retry_after = settings.overload_retry_after
+    body = json.dumps(
+        {
+            "error": "Service Unavailable",
+            "message": f"overloaded: {settings.max_in_flight} requests already in flight in "
+            f"this worker; retry after {retry_after} s",
+            "retry_after": retry_after,
+        }
+    ).encode()
+    headers = [
+        ("content-type", "application/json"),
+        ("retry-after", str(retry_after)),
+        ("cache-control", "no-store"),
+    ]
+    return _Answer(503, headers, body)
 
 
 async def _send_answer(send: ASGISendCallable, answer: FastAnswer, *, head: bool) -> None:

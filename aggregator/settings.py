@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     #: either the adapter answers 431 before Flask sees the request.
     max_request_headers: int = Field(default=100, ge=1)
     max_request_header_bytes: int = Field(default=16 * 1024, ge=1)
+    #: Requests inside Flask at once, per worker; more are answered 503 with Retry-After at once
+    #: instead of queueing (cache hits answered before Flask and /healthz, /readyz are neither
+    #: counted nor refused). 0 = no limit. 4x the c=256 bench load of one worker.
+    max_in_flight: int = Field(default=1024, ge=0)
+    #: Seconds a client is asked to wait (Retry-After) when refused by `max_in_flight`.
+    overload_retry_after: int = Field(default=1, ge=0, le=3600)
     #: Threads for `def` views (loop mode) or for whole requests (threads mode).
     threads: int = Field(default=64, ge=1)
     #: The cyclic GC's generation-0 threshold in a serving process (Python's is 700), set with

@@ -1,0 +1,185 @@
+"""The in-flight limit (503 + Retry-After instead of a queue) and the lifespan's drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from aggregator import create_app
+from aggregator.adapter import ALWAYS_ANSWERED, ASGIAdapter
+from aggregator.settings import Settings
+from aggregator.upstream import shared_client
+
+#: An upstream nothing calls in the unit tests (port 9: discard; never reached).
+_IDLE_CONFIG = """
+[upstreams.idle]
+url = "http://127.0.0.1:9/idle"
+
+[aggregates.idle]
+path = "/api/idle"
+sources = ["idle"]
+"""
+
+
+def _held(config: Path, **settings: Any) -> tuple[ASGIAdapter, asyncio.Event]:
+    """The real app plus `/held`, which stays in flight until the returned event is set."""
+    app = create_app(Settings(config=config, **settings))
+    release = asyncio.Event()
+
+    @app.get("/held")
+    async def held() -> dict[str, bool]:
+        await release.wait()
+        return {"released": True}
+
+    return ASGIAdapter(app, Settings(config=config, **settings)), release
+
+
+def _client(adapter: ASGIAdapter) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=adapter)  # type: ignore[arg-type]  # hypercorn's ASGI types
+    return httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30)
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_requests_over_the_limit_get_503_at_once_and_service_recovers(
+    write_config, caplog
+):
+    adapter, release = _held(write_config(_IDLE_CONFIG), max_in_flight=2)
+    caplog.set_level(logging.WARNING, logger="aggregator.adapter")
+    async with adapter.lifespan(), _client(adapter) as client:
+        holders = [asyncio.create_task(client.get("/held")) for _ in range(2)]
+        await _until(lambda: adapter.in_flight == 2)
+
+        refused = [await client.get("/held"), await client.get("/api/idle")]
+        probes = [await client.get(path) for path in sorted(ALWAYS_ANSWERED)]
+        head = await client.head("/held")
+
+        release.set()
+        done = await asyncio.gather(*holders)
+        after = await client.get("/held")
+
+    for r in refused:
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["cache-control"] == "no-store"
+        assert r.json() == {
+            "error": "Service Unavailable",
+            "message": "overloaded: 2 requests already in flight in this worker; "
+            "retry after 1 s",
+            "retry_after": 1,
+        }
+    assert (head.status_code, head.content) == (503, b"")
+    assert [p.status_code for p in probes] == [200, 200]  # /healthz, /readyz at the limit
+    assert [r.status_code for r in done] == [200, 200]
+    assert after.status_code == 200  # recovered as soon as the load dropped
+    assert adapter.in_flight == 0
+    warnings = [r for r in caplog.records if "refusing requests with 503" in r.message]
+    assert len(warnings) == 1  # three refusals, one log line per interval
+
+
+async def test_retry_after_is_a_setting(write_config):
+    adapter, release = _held(
+        write_config(_IDLE_CONFIG), max_in_flight=1, overload_retry_after=7
+    )
+    async with adapter.lifespan(), _client(adapter) as client:
+        holder = asyncio.create_task(client.get("/held"))
+        await _until(lambda: adapter.in_flight == 1)
+        refused = await client.get("/held")
+        release.set()
+        await holder
+    assert refused.headers["retry-after"] == "7"
+    assert refused.json()["retry_after"] == 7
+
+
+async def test_zero_means_no_limit(write_config):
+    adapter, release = _held(write_config(_IDLE_CONFIG), max_in_flight=0)
+    async with adapter.lifespan(), _client(adapter) as client:
+        holders = [asyncio.create_task(client.get("/held")) for _ in range(20)]
+        await _until(lambda: adapter.in_flight == 20)
+        release.set()
+        done = await asyncio.gather(*holders)
+    assert [r.status_code for r in done] == [200] * 20
+
+
+def test_the_default_limit_is_sized_for_one_worker():
+    settings = Settings()
+    assert settings.max_in_flight == 1024
+    assert settings.overload_retry_after == 1
+
+
+@pytest.mark.integration
+async def test_fresh_cache_hits_are_answered_at_the_limit(demo, write_config):
+    config = write_config(
+        _IDLE_CONFIG
+        + f"""
+[upstreams.weather]
+url = "{demo.url}/weather/{{city}}?delay=0"
+schema = "aggregator.demo.models:Weather"
+
+[aggregates.weather]
+path = "/api/weather"
+sources = ["weather"]
+cache_ttl = 60
+params = {{ city = "str" }}
+"""
+    )
+    adapter, release = _held(config, max_in_flight=1)
+    async with adapter.lifespan(), _client(adapter) as client:
+        filled = await client.get("/api/weather", params={"city": "Oslo"})
+        holder = asyncio.create_task(client.get("/held"))
+        await _until(lambda: adapter.in_flight == 1)
+        hit = await client.get("/api/weather", params={"city": "Oslo"})
+        miss = await client.get("/api/weather", params={"city": "Lima"})
+        release.set()
+        await holder
+    assert filled.headers["x-cache"] == "MISS"
+    assert (hit.status_code, hit.headers["x-cache"]) == (200, "HIT")  # the fast path, uncounted
+    assert miss.status_code == 503  # a miss needs Flask and a fan-out: refused
+
+
+@pytest.mark.integration
+async def test_shutdown_waits_for_in_flight_fan_outs_before_closing_the_client(
+    demo, write_config
+):
+    config = write_config(
+        f"""
+[upstreams.slow]
+url = "{demo.url}/profile/{{user_id}}?delay=1"
+timeout = 5
+schema = "aggregator.demo.models:Profile"
+
+[aggregates.slow]
+path = "/api/slow"
+sources = ["slow"]
+required = ["slow"]
+deadline = 3
+params = {{ user_id = "int" }}
+"""
+    )
+    settings = Settings(config=config)
+    adapter = ASGIAdapter(create_app(settings), settings)
+    await adapter.startup()
+    async with _client(adapter) as client:
+        request = asyncio.create_task(client.get("/api/slow", params={"user_id": "7"}))
+        await _until(lambda: adapter.in_flight == 1)
+        started = time.perf_counter()
+        await adapter.shutdown()  # as a server would send lifespan.shutdown mid-request
+        waited = time.perf_counter() - started
+        r = await request
+    assert r.status_code == 200, r.text  # not cut: the client was closed after it finished
+    assert r.json()["complete"] is True
+    assert 0.5 < waited < 3.0  # waited for the ~1 s call, within the deadline + 1 s bound
+    assert shared_client() is None  # and then closed
