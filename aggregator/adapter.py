@@ -30,6 +30,7 @@ Shutdown: the lifespan waits for requests still in Flask before closing what the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import io
@@ -397,6 +398,10 @@ class ASGIAdapter:
                 response = await greenlet_spawn(self._call_wsgi, environ)
         except asyncio.CancelledError:
             if not disconnected.is_set():
+                # The server cancelled us (at shutdown, past its graceful_timeout): answer a
+                # retryable 503 in the one error shape rather than Hypercorn's empty 500.
+                with contextlib.suppress(Exception):
+                    await _send_answer(send, _CUT_ANSWER, head=scope["method"] == "HEAD")
                 raise
             task.uncancel()  # the client left: nobody to answer, and that is not an error
             return CLIENT_LEFT
@@ -464,6 +469,24 @@ def _overload_answer(settings: Settings) -> _Answer:
         ("cache-control", "no-store"),
     ]
     return _Answer(503, headers, body)
+
+
+_CUT_ANSWER = _Answer(
+    503,
+    [
+        ("content-type", "application/json"),
+        ("retry-after", "1"),
+        ("cache-control", "no-store"),
+        ("connection", "close"),
+    ],
+    json.dumps(
+        {
+            "error": "Service Unavailable",
+            "message": "the server is shutting down and could not finish this request in "
+            "its graceful_timeout; retry",
+        }
+    ).encode(),
+)
 
 
 async def _send_answer(send: ASGISendCallable, answer: FastAnswer, *, head: bool) -> None:

@@ -47,13 +47,28 @@ def main() -> None:
 
 @main.command("check-config")
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-def check_config(file: Path) -> None:
-    """Validate FILE without serving; exit 0 when usable, 1 with the problems otherwise."""
+@click.option(
+    "--hypercorn-config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default="hypercorn.toml",
+    show_default=True,
+    help="Hypercorn settings to check the deadlines against; used when it exists.",
+)
+def check_config(file: Path, hypercorn_config: Path) -> None:
+    """Validate FILE without serving; exit 0 when usable, 1 with the problems otherwise.
+
+    Warns (exit still 0) about aggregate deadlines longer than Hypercorn's graceful_timeout.
+    """
+    from hypercorn.config import Config
+
     try:
         config = load_config(file)
     except ConfigError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
+    server = Config.from_toml(hypercorn_config) if hypercorn_config.is_file() else Config()
+    for warning in shutdown_warnings(config, server.graceful_timeout):
+        click.echo(f"warning: {warning}", err=True)
     click.echo(
         f"{file}: ok ({len(config.upstreams)} upstreams, {len(config.aggregates)} aggregates: "
         + ", ".join(f"{a.path}" for a in config.aggregates.values())
@@ -142,22 +157,32 @@ def run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
         config.accesslog = "-"
         for attribute, value in SERVER_LIMITS.items():
             setattr(config, attribute, value)
+        config.graceful_timeout = 10.0  # as hypercorn.toml ships: the default deadline
         if importlib.util.find_spec("uvloop") is not None:
             config.worker_class = "uvloop"  # as hypercorn.toml ships (docs/benchmarks.md)
     for flag, attribute in _HYPERCORN_FLAGS.items():
         if overrides.get(flag) is not None:
             setattr(config, attribute, overrides[flag])
     config.application_path = "aggregator.cli:worker_app()"
+    workers = max(1, config.workers)
+    # One worker is served in this process (Hypercorn's `workers = 0`), not under a supervisor:
+    # SIGTERM reaches the serving loop itself, and the listening socket closes as soon as the
+    # graceful shutdown begins, so new connections are refused instead of waiting in the
+    # supervisor's still-open socket until the worker has drained (docs/reliability.md).
+    config.workers = 0 if workers == 1 else workers
     # Workers build their settings from the environment; they must know how many they are
     # (a per-process cache with several workers is refused).
-    os.environ["AGGREGATOR_WORKERS"] = str(config.workers)
+    os.environ["AGGREGATOR_WORKERS"] = str(workers)
     try:
         settings = Settings()
         check_cache_settings(settings)
-        with metrics_server.prepared(settings, config.workers) as shared_dir:
+        app_config = load_config(settings.config)
+        for warning in shutdown_warnings(app_config, config.graceful_timeout):
+            click.echo(f"warning: {warning}", err=True)
+        with metrics_server.prepared(settings, workers) as shared_dir:
             click.echo(
                 f"aggregator serving on {', '.join(config.bind)} "
-                f"(mode={os.environ.get('AGGREGATOR_MODE', 'loop')}, workers={config.workers})"
+                f"(mode={os.environ.get('AGGREGATOR_MODE', 'loop')}, workers={workers})"
             )
             page = _page_url(config.bind) if settings.dashboard else None
             if page is not None:
@@ -181,6 +206,21 @@ def _page_url(binds: list[str]) -> str | None:
         host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
         return f"http://{host}:{port}/"
     return None
+
+
+def shutdown_warnings(config: AppConfig, graceful_timeout: float) -> list[str]:
+    """Aggregates whose deadline outlasts Hypercorn's graceful_timeout (cut off at SIGTERM).
+
+    A warning, not a refusal: only requests in flight when a shutdown begins are affected, and
+    a short grace period can be a deliberate trade (an orchestrator's kill timeout).
+    """
+    return [
+        f"aggregate {name!r} has a deadline of {agg.deadline:g} s, longer than Hypercorn's "
+        f"graceful_timeout of {graceful_timeout:g} s: at shutdown its requests in flight may be "
+        "cut off; raise graceful_timeout (hypercorn.toml) or lower the deadline"
+        for name, agg in config.aggregates.items()
+        if agg.deadline > graceful_timeout
+    ]
 
 
 @main.group("cache")

@@ -16,6 +16,7 @@ from aggregator import create_app
 from aggregator.adapter import ALWAYS_ANSWERED, ASGIAdapter
 from aggregator.settings import Settings
 from aggregator.upstream import shared_client
+from tests.conftest import demo_stats, reset_demo
 
 #: An upstream nothing calls in the unit tests (port 9: discard; never reached).
 _IDLE_CONFIG = """
@@ -53,9 +54,7 @@ async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_requests_over_the_limit_get_503_at_once_and_service_recovers(
-    write_config, caplog
-):
+async def test_requests_over_the_limit_get_503_at_once_and_service_recovers(write_config, caplog):
     adapter, release = _held(write_config(_IDLE_CONFIG), max_in_flight=2)
     caplog.set_level(logging.WARNING, logger="aggregator.adapter")
     async with adapter.lifespan(), _client(adapter) as client:
@@ -77,8 +76,7 @@ async def test_requests_over_the_limit_get_503_at_once_and_service_recovers(
         assert r.headers["cache-control"] == "no-store"
         assert r.json() == {
             "error": "Service Unavailable",
-            "message": "overloaded: 2 requests already in flight in this worker; "
-            "retry after 1 s",
+            "message": "overloaded: 2 requests already in flight in this worker; retry after 1 s",
             "retry_after": 1,
         }
     assert (head.status_code, head.content) == (503, b"")
@@ -91,9 +89,7 @@ async def test_requests_over_the_limit_get_503_at_once_and_service_recovers(
 
 
 async def test_retry_after_is_a_setting(write_config):
-    adapter, release = _held(
-        write_config(_IDLE_CONFIG), max_in_flight=1, overload_retry_after=7
-    )
+    adapter, release = _held(write_config(_IDLE_CONFIG), max_in_flight=1, overload_retry_after=7)
     async with adapter.lifespan(), _client(adapter) as client:
         holder = asyncio.create_task(client.get("/held"))
         await _until(lambda: adapter.in_flight == 1)
@@ -151,9 +147,7 @@ params = {{ city = "str" }}
 
 
 @pytest.mark.integration
-async def test_shutdown_waits_for_in_flight_fan_outs_before_closing_the_client(
-    demo, write_config
-):
+async def test_shutdown_waits_for_in_flight_fan_outs_before_closing_the_client(demo, write_config):
     config = write_config(
         f"""
 [upstreams.slow]
@@ -183,3 +177,56 @@ params = {{ user_id = "int" }}
     assert r.json()["complete"] is True
     assert 0.5 < waited < 3.0  # waited for the ~1 s call, within the deadline + 1 s bound
     assert shared_client() is None  # and then closed
+
+
+@pytest.mark.integration
+async def test_overload_on_real_hypercorn_refuses_fast_and_recovers(serve, demo, write_config):
+    latency = 2.0
+    config = write_config(
+        f"""
+[upstreams.slow]
+url = "{demo.url}/profile/{{user_id}}?delay={latency}"
+timeout = 5
+schema = "aggregator.demo.models:Profile"
+
+[aggregates.slow]
+path = "/api/slow"
+sources = ["slow"]
+deadline = 4
+params = {{ user_id = "int" }}
+"""
+    )
+    server = serve(config, max_in_flight="4")
+    url = f"{server.url}/api/slow?user_id=7"
+    reset_demo(demo)
+    leftover = demo_stats(demo)["in_flight"]  # calls other tests abandoned, still sleeping
+    limits = httpx.Limits(max_connections=32)
+    async with httpx.AsyncClient(timeout=30, limits=limits, trust_env=False) as client:
+
+        async def timed(path: str) -> tuple[httpx.Response, float]:
+            started = time.perf_counter()
+            response = await client.get(path)
+            return response, time.perf_counter() - started
+
+        burst = asyncio.gather(*[timed(url) for _ in range(16)])
+        await asyncio.sleep(0.5)
+        health, _ = await timed(f"{server.url}/healthz")
+        answers = await burst
+        after = [await client.get(url) for _ in range(2)]
+
+    ok = [t for r, t in answers if r.status_code == 200]
+    refused = [(r, t) for r, t in answers if r.status_code == 503]
+    print(
+        f"\nlimit 4, 16 concurrent requests of a {latency:g} s source: {len(ok)} x 200 "
+        f"(slowest {max(ok):.2f} s), {len(refused)} x 503 (slowest "
+        f"{max(t for _, t in refused):.3f} s)"
+    )
+    assert len(ok) + len(refused) == 16
+    assert 4 <= len(ok) <= 6 and len(refused) >= 10  # 4 admitted (+ stragglers after them)
+    assert all(t < latency / 2 for _, t in refused)  # refused at once, not queued
+    assert all(r.headers["retry-after"] == "1" for r, _ in refused)
+    assert all(r.json()["error"] == "Service Unavailable" for r, _ in refused)
+    assert health.status_code == 200  # probes answered at the limit
+    assert [r.status_code for r in after] == [200, 200]  # recovered once the burst ended
+    assert demo_stats(demo)["max_in_flight"] <= leftover + 4  # the upstream never saw the excess
+    assert "Traceback" not in server.log()
