@@ -1,4 +1,4 @@
-"""The `aggregator` command: serve, demo, check-config, cache purge, warm, status, bench."""
+"""The `aggregator` command: serve, demo, check-config, cache purge, warm, status, bench, soak."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from aggregator import create_app, metrics_server
 from aggregator.bench.command import bench as bench_command
+from aggregator.bench.command import soak as soak_command
 from aggregator.cache import AggregateCache, CacheUnavailableError, purge
 from aggregator.cache.backends import check_cache_settings
 from aggregator.config import AppConfig, ParamValue, load_config
@@ -82,11 +83,17 @@ def check_config(file: Path, hypercorn_config: Path) -> None:
 @click.option("--latency", default=0.1, show_default=True, type=float, help="Default delay, s.")
 @click.option("--jitter", default=0.0, show_default=True, type=float, help="Extra random delay.")
 @click.option("--failure-rate", default=0.0, show_default=True, type=float, help="0..1 -> 503.")
-def demo(host: str, port: int, latency: float, jitter: float, failure_rate: float) -> None:
+@click.option(
+    "--stall-rate", default=0.0, show_default=True, type=float, help="0..1 -> caller times out."
+)
+def demo(
+    host: str, port: int, latency: float, jitter: float, failure_rate: float, stall_rate: float
+) -> None:
     """Run only the slow demo upstream services (what the bundled config aggregates)."""
     from aggregator.demo.server import Knobs, run_demo
 
-    run_demo(host, port, Knobs(latency=latency, jitter=jitter, failure_rate=failure_rate))
+    knobs = Knobs(latency=latency, jitter=jitter, failure_rate=failure_rate, stall_rate=stall_rate)
+    run_demo(host, port, knobs)
 
 
 @main.command()
@@ -533,6 +540,7 @@ def _answers(url: str) -> bool:
 
 
 main.add_command(bench_command, "bench")
+main.add_command(soak_command, "soak")
 
 if __name__ == "__main__":
     main()

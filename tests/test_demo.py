@@ -250,3 +250,23 @@ def test_start_failure_raises_with_log_tail() -> None:
     """A child that cannot start must raise with its output, not hang."""
     with pytest.raises(RuntimeError, match="failure_rate"):
         start_demo_process(failure_rate=7.0, timeout=5.0)
+
+
+@pytest.mark.integration
+def test_subprocess_stall_lasts_until_the_caller_gives_up(tmp_path: Path) -> None:
+    """stall=1 answers nothing; the call ends when the caller closes, so none is left behind."""
+    with start_demo_process(latency=0.0, stall_rate=1.0, log_path=tmp_path / "d.log") as demo:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.get(f"{demo.url}/profile/7", timeout=0.5, trust_env=False)  # server default
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.get(f"{demo.url}/profile/7?stall=1", timeout=0.5, trust_env=False)
+        unstalled = httpx.get(f"{demo.url}/profile/7?stall=0", timeout=5, trust_env=False)
+        bad = httpx.get(f"{demo.url}/profile/7?stall=2", timeout=5, trust_env=False)
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{demo.url}/_stats", trust_env=False).json()["in_flight"]:
+            assert time.monotonic() < deadline, "stalled calls outlived their callers"
+            time.sleep(0.05)
+    assert Profile.model_validate_json(unstalled.content).user_id == 7
+    assert (bad.status_code, bad.json()["knob"]) == (400, "stall")
+    with pytest.raises(ValueError, match="stall_rate"):
+        Knobs(stall_rate=-0.1)

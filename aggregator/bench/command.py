@@ -1,4 +1,4 @@
-"""`aggregator bench`: flags in, a bench run (or a generator check) out, exit codes for scripts.
+"""`aggregator bench` and `aggregator soak`: flags in, runs out, exit codes for scripts.
 
 Exit 0 when every run completed (flags in the report are findings, not failures), 1 when a
 server or the load generator failed, 2 for bad flags (nothing started).
@@ -18,6 +18,8 @@ from aggregator.bench.load import LoadError, Tool, wrk_available
 from aggregator.bench.plan import DEFAULT_TARGETS, PlanError, Target, Workload, parse_target
 from aggregator.bench.report import print_table, summarize, write_outputs
 from aggregator.bench.runner import Options, compare_generators, run_bench
+from aggregator.bench.soak import SETTLE_S, SoakOptions, run_soak, write_json
+from aggregator.bench.soak import report as soak_report
 
 
 def _levels(text: str) -> tuple[int, ...]:
@@ -178,3 +180,74 @@ def _check(options: Options, levels: tuple[int, ...], console: Console) -> None:
             "; ".join(notes),
         )
     console.print(table)
+
+
+@click.command()
+@click.option("--duration", "-d", default=300.0, show_default=True, type=click.FloatRange(5, 3600))
+@click.option("--concurrency", "-c", default=256, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--warmup", default=30.0, show_default=True, type=click.FloatRange(1, 600))
+@click.option(
+    "--failure-rate",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Upstream calls answered 503.",
+)
+@click.option(
+    "--stall-rate",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Upstream calls that answer nothing (a timeout).",
+)
+@click.option(
+    "--sources",
+    "-k",
+    default=5,
+    show_default=True,
+    type=click.IntRange(4, 50),
+    help="Demo sources; the 4th (profile) is the required one.",
+)
+@click.option("--latency", default=0.1, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option("--interval", default=5.0, show_default=True, type=click.FloatRange(0.5, 60))
+@click.option("--max-in-flight", type=click.IntRange(0), help="The server's limit [its default].")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Write JSON here.")
+def soak(
+    duration: float,
+    concurrency: int,
+    warmup: float,
+    failure_rate: float,
+    stall_rate: float,
+    sources: int,
+    latency: float,
+    interval: float,
+    max_in_flight: int | None,
+    out: Path | None,
+) -> None:
+    """Sustained load with failing upstreams; exit 0 when nothing unexpected or leaked, else 1.
+
+    See aggregator/bench/soak.py for what is expected and checked; results: docs/reliability.md.
+    """
+    options = SoakOptions(
+        duration=duration,
+        concurrency=concurrency,
+        failure_rate=failure_rate,
+        stall_rate=stall_rate,
+        warmup=warmup,
+        sources=sources,
+        latency=latency,
+        interval=interval,
+        max_in_flight=max_in_flight,
+    )
+    click.echo(f"about {(warmup + duration + 2 * SETTLE_S) / 60:.1f} min")
+    try:
+        result = run_soak(options, click.echo)
+    except (LoadError, RuntimeError, PlanError) as exc:
+        click.echo(f"soak failed: {exc}", err=True)
+        sys.exit(1)
+    for line in soak_report(result):
+        click.echo(line)
+    if out is not None:
+        write_json(result, out)
+        click.echo(f"wrote {out}")
+    sys.exit(0 if result.passed else 1)

@@ -67,14 +67,19 @@ def run_load(
     requests: int | None = None,
     timeout: float = 10.0,
     count_partial: bool = False,
+    required: tuple[str, ...] = (),
 ) -> LoadResult:
-    """One load run against a loopback `url`, bounded by `duration` (and `requests` if given)."""
+    """One load run against a loopback `url`, bounded by `duration` (and `requests` if given).
+
+    `required` names the aggregate's required sources, so 502/504 caused by them are counted
+    as designed (`LoadResult.designed_5xx`); that reads bodies, which only the built-in does.
+    """
     check_loopback(url)
     # wrk has no request budget (a thread can stop itself, but the run still lasts the whole
     # duration, so its rate would be wrong): count-bounded runs use the built-in generator.
-    if tool == "wrk" and requests is None:
+    if tool == "wrk" and requests is None and not required:
         return _run_wrk(url, concurrency, duration, timeout, count_partial)
-    return _run_builtin(url, concurrency, duration, requests, timeout)
+    return _run_builtin(url, concurrency, duration, requests, timeout, required)
 
 
 def _run_wrk(
@@ -122,7 +127,12 @@ def _run_wrk(
 
 
 def _run_builtin(
-    url: str, concurrency: int, duration: float, requests: int | None, timeout: float
+    url: str,
+    concurrency: int,
+    duration: float,
+    requests: int | None,
+    timeout: float,
+    required: tuple[str, ...] = (),
 ) -> LoadResult:
     command = [
         sys.executable,
@@ -135,6 +145,7 @@ def _run_builtin(
     ]
     if requests is not None:
         command.append(f"--requests={requests}")
+    command += [f"--required={name}" for name in required]
     out, _ = _run_child(command, duration + timeout + 30, dict(os.environ))
     line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("{")), None)
     if line is None:

@@ -61,6 +61,14 @@ class LoadResult:
     #: served as designed, so counted apart from errors.
     partial: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
+    #: 502/504 answers whose body names a `required` source as the failure (`--required`):
+    #: what the config designs when such a source fails, so counted apart from other 5xx.
+    designed_5xx: int = 0
+
+    @property
+    def unexpected(self) -> int:
+        """Answers that are neither 2xx nor a designed 502/504, plus requests that got none."""
+        return self.errors - self.designed_5xx
 
     @property
     def errors(self) -> int:
@@ -90,14 +98,36 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
+def designed_failure(status: int, body: bytes, required: tuple[str, ...]) -> bool:
+    """Whether a 502/504 is the designed answer to a failed required source (merge's rule).
+
+    502: a required source failed and none by the deadline; 504: the deadline took one. The
+    body (the envelope) must name that source in `errors`.
+    """
+    if status not in (502, 504) or not required:
+        return False
+    try:
+        errors = json.loads(body).get("errors") or {}
+        kinds = [errors[name]["kind"] for name in required if name in errors]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        return False
+    return bool(kinds) and (status == 504) == ("deadline" in kinds)
+
+
 async def generate(
-    url: str, concurrency: int, duration: float, requests: int | None, timeout: float
+    url: str,
+    concurrency: int,
+    duration: float,
+    requests: int | None,
+    timeout: float,
+    required: tuple[str, ...] = (),
 ) -> LoadResult:
     """Drive `url` with `concurrency` workers until the time or request budget runs out."""
     check_loopback(url)
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     counts = {"requests": 0, "ok": 0, "status": 0, "socket": 0, "timeout": 0, "partial": 0}
+    counts["designed"] = 0
     budget = [requests if requests is not None else math.inf]
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
     per_request = aiohttp.ClientTimeout(total=timeout)
@@ -111,7 +141,7 @@ async def generate(
             sent = time.perf_counter()
             try:
                 async with session.get(url, timeout=per_request) as response:
-                    await response.read()
+                    body = await response.read()
                     status = response.status
                     complete = response.headers.get("X-Aggregate-Complete") != "false"
             except TimeoutError:
@@ -126,6 +156,8 @@ async def generate(
             counts["ok" if 200 <= status < 300 else "status"] += 1
             if not complete:
                 counts["partial"] += 1
+            if status >= 500 and designed_failure(status, body, required):
+                counts["designed"] += 1
 
     async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as s:
         await asyncio.gather(*(worker(s) for _ in range(concurrency)))
@@ -146,6 +178,7 @@ async def generate(
         generator_cpu_s=time.process_time() - cpu_start,
         partial=counts["partial"],
         statuses=statuses,
+        designed_5xx=counts["designed"],
     )
 
 
@@ -157,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", "-d", type=float, default=5.0, help="seconds, at most")
     parser.add_argument("--requests", "-n", type=int, default=None, help="stop after this many")
     parser.add_argument("--timeout", type=float, default=10.0, help="per request, seconds")
+    parser.add_argument(
+        "--required",
+        action="append",
+        default=[],
+        metavar="SOURCE",
+        help="a required source: 502/504 naming it count as designed (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.duration <= 0 or args.timeout <= 0:
         parser.error("--concurrency must be >= 1, --duration and --timeout > 0")
@@ -167,7 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     except NotLoopbackError as exc:
         parser.error(str(exc))
     result = asyncio.run(
-        generate(args.url, args.concurrency, args.duration, args.requests, args.timeout)
+        generate(
+            args.url,
+            args.concurrency,
+            args.duration,
+            args.requests,
+            args.timeout,
+            tuple(args.required),
+        )
     )
     print(result.to_json(), flush=True)
     return 0

@@ -164,6 +164,8 @@ class Workload:
     latency: float = 0.1
     jitter: float = 0.0
     failure_rate: float = 0.0
+    #: Chance that an upstream call stalls until the caller times out (the demo's `stall`).
+    stall_rate: float = 0.0
 
     def __post_init__(self) -> None:
         """Keep the bench inside what the demo can serve."""
@@ -173,6 +175,8 @@ class Workload:
             raise PlanError("latency and jitter must be within 0..10 s")
         if not 0 <= self.failure_rate <= 1:
             raise PlanError(f"failure rate must be within 0..1, got {self.failure_rate}")
+        if not 0 <= self.stall_rate <= 1:
+            raise PlanError(f"stall rate must be within 0..1, got {self.stall_rate}")
 
     @property
     def floor_s(self) -> float:
@@ -189,10 +193,19 @@ class Workload:
             per_request = self.floor_s
         return concurrency / per_request if per_request > 0 else None
 
-    def config_toml(self, demo_url: str) -> str:
+    def config_toml(
+        self,
+        demo_url: str,
+        *,
+        timeout: float = 30,
+        deadline: float = 60,
+        required: tuple[str, ...] = (),
+    ) -> str:
         """The aggregator config: K upstreams on the demo, one uncached and one cached aggregate.
 
         Each source is validated by its demo model, so every stack does the same pydantic work.
+        The defaults never cut a call short (speed is measured, not failure handling); the soak
+        sets real timeouts, a deadline and `required` sources.
         """
         lines: list[str] = []
         names: list[str] = []
@@ -211,17 +224,19 @@ class Workload:
             lines += [
                 f"[upstreams.{name}]",
                 f'url = "{demo_url}{path}"',
-                "timeout = 30",
+                f"timeout = {timeout:g}",
                 f'schema = "aggregator.demo.models:{model}"',
                 "",
             ]
         sources = ", ".join(f'"{n}"' for n in names)
+        needed = ", ".join(f'"{n}"' for n in required)
         for agg, path, ttl in (("bench", UNCACHED_PATH, 0), ("bench_cached", CACHED_PATH, 3600)):
             lines += [
                 f"[aggregates.{agg}]",
                 f'path = "{path}"',
                 f"sources = [{sources}]",
-                "deadline = 60",
+                f"required = [{needed}]",
+                f"deadline = {deadline:g}",
                 f"cache_ttl = {ttl}",
                 'params = { city = "str", user_id = "int" }',
                 "",

@@ -164,7 +164,10 @@ def _upstreams(workload: Workload) -> Iterator[tuple[DemoProcess, Path, Path]]:
     with tempfile.TemporaryDirectory(prefix="aggregator-bench-") as tmp:
         work = Path(tmp)
         with start_demo_process(
-            latency=workload.latency, jitter=workload.jitter, failure_rate=workload.failure_rate
+            latency=workload.latency,
+            jitter=workload.jitter,
+            failure_rate=workload.failure_rate,
+            stall_rate=workload.stall_rate,
         ) as demo:
             config = work / "bench.toml"
             config.write_text(workload.config_toml(demo.url))

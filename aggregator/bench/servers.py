@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -123,7 +124,14 @@ def server_env(target: Target, config: Path, threads: int) -> dict[str, str]:
 class ServerProcess:
     """A server under test: its process, its port, and its resource readings."""
 
-    def __init__(self, target: Target, config: Path, log_dir: Path, threads: int) -> None:
+    def __init__(
+        self,
+        target: Target,
+        config: Path,
+        log_dir: Path,
+        threads: int,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.target = target
         self.port = free_port()
         self.log_path = log_dir / f"{target.name.replace(':', '-').replace('+', '-')}.log"
@@ -133,7 +141,7 @@ class ServerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=server_env(target, config, threads),
+                env={**server_env(target, config, threads), **(env or {})},
             )
         self._process = psutil.Process(self.popen.pid)
 

@@ -15,9 +15,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.1, help="default delay in seconds")
     parser.add_argument("--jitter", type=float, default=0.0, help="extra random delay, 0..N s")
     parser.add_argument("--failure-rate", type=float, default=0.0, help="chance of a 503, 0..1")
+    parser.add_argument(
+        "--stall-rate", type=float, default=0.0, help="chance of no answer until the caller quits"
+    )
     args = parser.parse_args(argv)
     try:
-        knobs = Knobs(latency=args.latency, jitter=args.jitter, failure_rate=args.failure_rate)
+        knobs = Knobs(
+            latency=args.latency,
+            jitter=args.jitter,
+            failure_rate=args.failure_rate,
+            stall_rate=args.stall_rate,
+        )
     except ValueError as exc:
         parser.error(str(exc))
     run_demo(args.host, args.port, knobs)

@@ -96,6 +96,7 @@ def start_demo_process(
     latency: float = 0.1,
     jitter: float = 0.0,
     failure_rate: float = 0.0,
+    stall_rate: float = 0.0,
     log_path: Path | None = None,
     timeout: float = 10.0,
 ) -> DemoProcess:
@@ -119,6 +120,7 @@ def start_demo_process(
         f"--latency={latency!r}",
         f"--jitter={jitter!r}",
         f"--failure-rate={failure_rate!r}",
+        f"--stall-rate={stall_rate!r}",
     ]
     with log_path.open("wb") as log:
         popen = subprocess.Popen(

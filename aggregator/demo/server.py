@@ -1,8 +1,9 @@
 """aiohttp app serving the slow, deterministic demo upstreams, so benchmarks never wait on it.
 
 Per-request knobs in the query string shape each answer:
-`delay=S` and `jitter=S` (seconds before answering), `fail=P` (chance of a 503), `status=N`
-(answer HTTP N), `drip=S` (send the body over S seconds), `size=N` (pad the body to N bytes),
+`delay=S` and `jitter=S` (seconds before answering), `fail=P` (chance of a 503), `stall=P`
+(chance of answering nothing until the caller gives up and closes the connection: a timeout
+on the caller's side; at most 60 s), `status=N` (answer HTTP N), `drip=S` (send the body over S seconds), `size=N` (pad the body to N bytes),
 `invalid=1` (cut JSON), `html=1` (an HTML page), `shape=wrong` (JSON of the wrong shape),
 `cc=VALUE` (send `Cache-Control: VALUE` verbatim, e.g. `cc=max-age%3D60`), and the hostile ones:
 `redirect=LOCATION` (answer `status` (default 302) with that `Location`, verbatim), `gzip=1`
@@ -67,6 +68,9 @@ _PAD_OPEN = b', "padding": "'
 _PAD_CLOSE = b'"}'
 _DRIP_TICK = 0.05
 _GZIP_WRITE = 64 * 1024
+#: Longest a stalled call waits for its caller to give up, and how often it looks.
+_STALL_MAX = 60.0
+_STALL_TICK = 0.05
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class Knobs:
     latency: float = 0.1
     jitter: float = 0.0
     failure_rate: float = 0.0
+    #: Chance that a call stalls until its caller times out (the `stall` knob's default).
+    stall_rate: float = 0.0
 
     def __post_init__(self) -> None:
         """Reject nonsense early so a misconfigured demo fails at startup, not per request."""
@@ -83,8 +89,10 @@ class Knobs:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not 0.0 <= self.failure_rate <= 1.0:
-            raise ValueError(f"failure_rate must be within 0..1, got {self.failure_rate!r}")
+        for name in ("failure_rate", "stall_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be within 0..1, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,7 @@ class _RequestKnobs:
     delay: float
     jitter: float
     fail: float
+    stall: float = 0.0
     status: int | None = None
     drip: float = 0.0
     size: int = 0
@@ -325,8 +334,9 @@ def _parse_knobs(query: Mapping[str, str], defaults: Knobs) -> _RequestKnobs:
     delay = _number(query, "delay", defaults.latency, 3600.0)
     jitter = _number(query, "jitter", defaults.jitter, 3600.0)
     fail = _number(query, "fail", defaults.failure_rate, 1.0)
+    stall = _number(query, "stall", defaults.stall_rate, 1.0)
     if len(query) == 0:
-        return _RequestKnobs(delay=delay, jitter=jitter, fail=fail)
+        return _RequestKnobs(delay=delay, jitter=jitter, fail=fail, stall=stall)
     shape = query.get("shape")
     if shape not in (None, "wrong", "ok"):
         raise _BadKnob("shape", f"{shape!r} is not 'wrong' or 'ok'")
@@ -338,6 +348,7 @@ def _parse_knobs(query: Mapping[str, str], defaults: Knobs) -> _RequestKnobs:
         delay=delay,
         jitter=jitter,
         fail=fail,
+        stall=stall,
         status=status,
         drip=_number(query, "drip", 0.0, 3600.0),
         size=_integer(query, "size", 0, 2**31) or 0,
@@ -463,6 +474,17 @@ def _redirect(status: int | None, location: str, headers: Mapping[str, str]) -> 
     )
 
 
+async def _stall(request: web.Request) -> None:
+    """Wait until the caller closes the connection (its timeout), so no stalled call outlives it."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + _STALL_MAX
+    while loop.time() < until:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        await asyncio.sleep(_STALL_TICK)
+
+
 async def _serve(
     request: web.Request, service: str, build: Callable[[], bytes]
 ) -> web.StreamResponse:
@@ -479,6 +501,8 @@ async def _serve(
             return _error(400, service, str(exc), knob=exc.knob)
         except _NotFound as exc:
             return _error(404, service, str(exc))
+        if knobs.stall and random.random() < knobs.stall:
+            await _stall(request)
         delay = knobs.delay + (random.uniform(0.0, knobs.jitter) if knobs.jitter else 0.0)
         if delay > 0:
             await asyncio.sleep(delay)
