@@ -22,8 +22,9 @@ one more is answered 503 with `Retry-After` at once, before its body is read, in
 waiting in an unbounded queue of greenlets (each holding a connection, memory and, soon, a
 deadline it can no longer meet). Not counted and never refused: fresh cache hits answered by
 the fast path (a fraction of a millisecond of CPU, nothing held while others wait: refusing
-them would turn the cheapest answer into a retry) and the probes in `ALWAYS_ANSWERED` (a busy
-worker is alive and still ready; failing them would restart it or pile its share on others).
+them would turn the cheapest answer into a retry) and the paths in `ALWAYS_ANSWERED`: the
+probes (a busy worker is alive and still ready; failing them would restart it or pile its
+share on others) and `/status`.
 Shutdown: the lifespan waits for requests still in Flask before closing what they use.
 """
 
@@ -55,6 +56,7 @@ from aggregator import requestlimits, upstream
 from aggregator.metrics import CLIENT_LEFT, OFF, Recorder
 from aggregator.runtime import tune_gc
 from aggregator.settings import Settings
+from aggregator.status import STATUS_PATH
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -73,8 +75,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Paths answered even at the in-flight limit, and not counted in it (see the module docstring).
-ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz"})
+#: Paths answered even at the in-flight limit, and not counted in it (see the module docstring):
+#: the probes, and /status (in-memory counters, as cheap as /healthz): an operator needs to see
+#: an overloaded worker's breakers and calls exactly then.
+ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz", STATUS_PATH})
 #: Seconds between log lines saying this worker is refusing requests.
 _OVERLOAD_LOG_INTERVAL = 30.0
 

@@ -80,7 +80,7 @@ async def test_requests_over_the_limit_get_503_at_once_and_service_recovers(writ
             "retry_after": 1,
         }
     assert (head.status_code, head.content) == (503, b"")
-    assert [p.status_code for p in probes] == [200, 200]  # /healthz, /readyz at the limit
+    assert [p.status_code for p in probes] == [200] * 3  # /healthz, /readyz, /status
     assert [r.status_code for r in done] == [200, 200]
     assert after.status_code == 200  # recovered as soon as the load dropped
     assert adapter.in_flight == 0

@@ -3,12 +3,13 @@
 Per-request knobs in the query string shape each answer:
 `delay=S` and `jitter=S` (seconds before answering), `fail=P` (chance of a 503), `stall=P`
 (chance of answering nothing until the caller gives up and closes the connection: a timeout
-on the caller's side; at most 60 s), `status=N` (answer HTTP N), `drip=S` (send the body over S seconds), `size=N` (pad the body to N bytes),
-`invalid=1` (cut JSON), `html=1` (an HTML page), `shape=wrong` (JSON of the wrong shape),
-`cc=VALUE` (send `Cache-Control: VALUE` verbatim, e.g. `cc=max-age%3D60`), and the hostile ones:
-`redirect=LOCATION` (answer `status` (default 302) with that `Location`, verbatim), `gzip=1`
-(gzip the body as it streams: with `size=1073741824` a 1 GiB bomb of ~1 MiB), `ctype=VALUE`
-(that Content-Type on a JSON body) and `depth=N` (a body of N nested JSON arrays).
+on the caller's side; at most 60 s), `status=N` (answer HTTP N), `drip=S` (send the body over
+S seconds), `size=N` (pad the body to N bytes), `invalid=1` (cut JSON), `html=1` (an HTML
+page), `shape=wrong` (JSON of the wrong shape), `cc=VALUE` (send `Cache-Control: VALUE`
+verbatim, e.g. `cc=max-age%3D60`), and the hostile ones: `redirect=LOCATION` (answer `status`
+(default 302) with that `Location`, verbatim), `gzip=1` (gzip the body as it streams: with
+`size=1073741824` a 1 GiB bomb of ~1 MiB), `ctype=VALUE` (that Content-Type on a JSON body)
+and `depth=N` (a body of N nested JSON arrays).
 
 Every request received, whatever its path, is recorded (method, Host header, raw path and query
 as sent) and listed by `GET /_requests` (the last 10,000; `POST /_reset` clears them), so tests
