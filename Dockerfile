@@ -1,6 +1,7 @@
 # aggregator: Flask + Hypercorn. Build: docker build -t aggregator .
 # Run with your config: docker run -p 8000:8000 -v $PWD/my.toml:/config.toml \
-#   -e AGGREGATOR_CONFIG=/config.toml aggregator
+#   -e AGGREGATOR_CONFIG=/config.toml --stop-timeout 15 aggregator
+# (--stop-timeout: longer than hypercorn.toml's graceful_timeout, so requests in flight finish.)
 FROM python:3.11.7-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
