@@ -24,7 +24,7 @@ deadline it can no longer meet). Not counted and never refused: fresh cache hits
 the fast path (a fraction of a millisecond of CPU, nothing held while others wait: refusing
 them would turn the cheapest answer into a retry) and the paths in `ALWAYS_ANSWERED`: the
 probes (a busy worker is alive and still ready; failing them would restart it or pile its
-share on others) and `/status`.
+share on others), `/status` and `/metrics`.
 Shutdown: the lifespan waits for requests still in Flask before closing what they use.
 """
 
@@ -76,9 +76,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Paths answered even at the in-flight limit, and not counted in it (see the module docstring):
-#: the probes, and /status (in-memory counters, as cheap as /healthz): an operator needs to see
-#: an overloaded worker's breakers and calls exactly then.
-ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz", STATUS_PATH})
+#: the probes, /status (in-memory counters, as cheap as /healthz) and /metrics (scraped a few
+#: times a minute; views/metrics.py): an overloaded worker is exactly when an operator needs
+#: to see its breakers and calls, and a failed scrape would read as "target down".
+ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz", STATUS_PATH, "/metrics"})
 #: Seconds between log lines saying this worker is refusing requests.
 _OVERLOAD_LOG_INTERVAL = 30.0
 

@@ -15,7 +15,9 @@ import pytest
 from aggregator import create_app
 from aggregator.adapter import ALWAYS_ANSWERED, ASGIAdapter
 from aggregator.settings import Settings
+from aggregator.status import STATUS_PATH
 from aggregator.upstream import shared_client
+from aggregator.views.metrics import METRICS_PATH
 from tests.conftest import demo_stats, reset_demo
 
 #: An upstream nothing calls in the unit tests (port 9: discard; never reached).
@@ -62,7 +64,7 @@ async def test_requests_over_the_limit_get_503_at_once_and_service_recovers(writ
         await _until(lambda: adapter.in_flight == 2)
 
         refused = [await client.get("/held"), await client.get("/api/idle")]
-        probes = [await client.get(path) for path in sorted(ALWAYS_ANSWERED)]
+        probes = [await client.get(p) for p in ("/healthz", "/readyz", STATUS_PATH, METRICS_PATH)]
         head = await client.head("/held")
 
         release.set()
@@ -80,7 +82,8 @@ async def test_requests_over_the_limit_get_503_at_once_and_service_recovers(writ
             "retry_after": 1,
         }
     assert (head.status_code, head.content) == (503, b"")
-    assert [p.status_code for p in probes] == [200] * 3  # /healthz, /readyz, /status
+    # All answered at the limit (/metrics by its own 404: no admin token in this test).
+    assert [p.status_code for p in probes] == [200, 200, 200, 404]
     assert [r.status_code for r in done] == [200, 200]
     assert after.status_code == 200  # recovered as soon as the load dropped
     assert adapter.in_flight == 0
@@ -108,6 +111,10 @@ async def test_zero_means_no_limit(write_config):
         release.set()
         done = await asyncio.gather(*holders)
     assert [r.status_code for r in done] == [200] * 20
+
+
+def test_monitoring_paths_are_the_real_routes():
+    assert {METRICS_PATH, STATUS_PATH, "/healthz", "/readyz"} == ALWAYS_ANSWERED
 
 
 def test_the_default_limit_is_sized_for_one_worker():
