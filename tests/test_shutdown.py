@@ -184,7 +184,8 @@ async def test_sigterm_lets_in_flight_fan_outs_finish(command, demo, write_confi
         await asyncio.sleep(0.3)
         late: BaseException | int
         try:
-            late = httpx.get(f"{url}/healthz", timeout=3, trust_env=False).status_code
+            probe = await client.get(f"{url}/healthz", timeout=3)  # a new connection: all busy
+            late = probe.status_code
         except httpx.TransportError as exc:
             late = exc
         answers = await asyncio.gather(*requests)
