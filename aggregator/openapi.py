@@ -310,6 +310,16 @@ def _error(status: int, description: str | None = None) -> JSONDict:
     return _json_response(description or _ERROR_STATUSES[status], _ref("ErrorBody"))
 
 
+def _unavailable() -> JSONDict:
+    """The adapter's 503: over the in-flight limit, or cut at shutdown (docs/reliability.md)."""
+    return _json_response(
+        "This worker already has AGGREGATOR_MAX_IN_FLIGHT requests in flight, or it is shutting "
+        "down and could not finish this request in time: retry after `Retry-After` seconds.",
+        _ref("ErrorBody"),
+        headers={"Retry-After": _header("Seconds to wait.", {"type": "string"}, required=True)},
+    )
+
+
 def _aggregate_operation(config: AppConfig, name: str, agg: AggregateConfig) -> JSONDict:
     envelope = _ref(_envelope(name))
     ok = envelope
@@ -361,6 +371,7 @@ def _aggregate_operation(config: AppConfig, name: str, agg: AggregateConfig) -> 
             "400": _error(400),
             "413": _error(413),
             "431": _error(431),
+            "503": _unavailable(),
             "502": _json_response(
                 "A required source failed, or every source did; the envelope says what arrived.",
                 envelope,
@@ -393,6 +404,7 @@ def _twin_operation(name: str, agg: AggregateConfig, prefix: str) -> JSONDict:
             "400": _error(400),
             "413": _error(413),
             "431": _error(431),
+            "503": _unavailable(),
             "502": _json_response(
                 "A required source failed, or every source did.", envelope, headers=headers
             ),
@@ -516,6 +528,10 @@ def _fixed_schemas(config: AppConfig) -> JSONDict:
             "error": {"type": "string", "description": "The HTTP status phrase."},
             "message": {"type": "string"},
             "field": {"type": "string", "description": "The parameter or body field at fault."},
+            "retry_after": {
+                "type": "integer",
+                "description": "Seconds to wait (an overloaded worker's 503, as Retry-After).",
+            },
         },
     }
     upstreams = list(config.upstreams)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -10,10 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
+from openapi_spec_validator import validate
 
 from aggregator import create_app
-from aggregator.adapter import ALWAYS_ANSWERED, ASGIAdapter
+from aggregator.adapter import ALWAYS_ANSWERED, ASGIAdapter, _overload_answer
+from aggregator.config import load_config
+from aggregator.openapi import build_openapi
 from aggregator.settings import Settings
 from aggregator.status import STATUS_PATH
 from aggregator.upstream import shared_client
@@ -89,6 +94,18 @@ async def test_requests_over_the_limit_get_503_at_once_and_service_recovers(writ
     assert adapter.in_flight == 0
     warnings = [r for r in caplog.records if "refusing requests with 503" in r.message]
     assert len(warnings) == 1  # three refusals, one log line per interval
+
+
+def test_the_503_is_in_the_openapi_document(write_config):
+    config = load_config(write_config(_IDLE_CONFIG))
+    document = build_openapi(config, sync_prefixes=("/sync",))
+    validate(document)
+    answer = _overload_answer(Settings(max_in_flight=8))
+    for path in ("/api/idle", "/sync/api/idle"):
+        response = document["paths"][path]["get"]["responses"]["503"]
+        assert response["headers"]["Retry-After"]["required"] is True
+        schema = {**response["content"]["application/json"]["schema"], **document}
+        jsonschema.Draft202012Validator(schema).validate(json.loads(answer.body))
 
 
 async def test_retry_after_is_a_setting(write_config):
