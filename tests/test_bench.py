@@ -444,12 +444,14 @@ def test_failing_upstreams_show_as_partial_answers_not_server_errors(tmp_path, t
     out = tmp_path / "out"
     proc = _bench(
         tmp_path,
-        *("-t", "loop:async", "-c", "2", "-d", "1", "-r", "1", "--warmup", "0", "-k", "2"),
-        *("--latency", "0.01", "--failure-rate", "1", "--tool", tool, "--out", str(out)),
+        *("-t", "loop:async", "-c", "2", "-d", "1", "-r", "1", "--warmup", "0", "-k", "12"),
+        *("--latency", "0.01", "--failure-rate", "0.5", "--tool", tool, "--out", str(out)),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (row,) = json.loads((out / "results.json").read_text())["summary"]
-    assert row["errors"] == 0 and row["partial_rate"] == 1.0 and row["flags"] == ""
+    # Each of 12 sources fails half the time: nearly every answer is a partial 200. Only when
+    # all 12 fail (1 in 4096) is it a 502, an error: too rare to reach the 1% flag.
+    assert row["partial_rate"] > 0.95 and row["error_rate"] <= 0.01 and row["flags"] == ""
 
 
 @pytest.mark.integration
