@@ -26,6 +26,14 @@ them would turn the cheapest answer into a retry) and the paths in `ALWAYS_ANSWE
 probes (a busy worker is alive and still ready; failing them would restart it or pile its
 share on others), `/status` and `/metrics`.
 Shutdown: the lifespan waits for requests still in Flask before closing what they use.
+
+Every HTTP request, in every mode, first gets its id and forwardable headers set in contextvars
+(`aggregator.context`), so the fast cache path, Flask, upstream calls and log lines all see
+them, and its `send` is wrapped once so every response sent for it, whoever sends it (the fast
+path, Flask, a 413/408/431 refusal, the stock adapter), carries `X-Request-ID`. Answers
+Hypercorn makes itself (a malformed request) never reach us. When the request is done, one INFO
+line goes to `aggregator.access` (Hypercorn's own access log is off: ours knows the id and the
+cache state); with INFO disabled that costs one `isEnabledFor` check.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from inspect import iscoroutinefunction
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from urllib.parse import quote
 
 import greenlet
 from asgiref.sync import async_to_sync as asgiref_async_to_sync
@@ -53,6 +62,7 @@ from asgiref.wsgi import WsgiToAsgi, WsgiToAsgiInstance
 from flask import Flask
 
 from aggregator import requestlimits, upstream
+from aggregator.context import forwarded, read_request, request_id
 from aggregator.metrics import CLIENT_LEFT, OFF, Recorder
 from aggregator.runtime import tune_gc
 from aggregator.settings import Settings
@@ -72,6 +82,7 @@ if TYPE_CHECKING:
     from aggregator.config import AppConfig
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("aggregator.access")
 
 T = TypeVar("T")
 
@@ -220,6 +231,11 @@ class ASGIAdapter:
         self._max_in_flight = settings.max_in_flight
         self._overload_answer = _overload_answer(settings)
         self._overload_logged_at = -_OVERLOAD_LOG_INTERVAL
+        config = app.extensions.get("aggregator.config")
+        #: Client headers some upstream forwards; only these are read out of each request.
+        self._forward_names: frozenset[bytes] = (
+            config.forwarded_anywhere if config is not None else frozenset()
+        )
         self._request_pool: ThreadPoolExecutor | None = None
         self._serial: Callable[..., Awaitable[None]] | None = None
         if self.mode == "threads":
@@ -234,18 +250,7 @@ class ASGIAdapter:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         if scope["type"] == "http":
-            timed = self._timed.get(scope["path"])  # an aggregate, when metrics are recorded
-            if timed is None:
-                await self._serve_http(scope, receive, send)
-                return
-            # Counted here, around everything, so fast-path hits, 304s, 400s and 413s are too.
-            started = time.perf_counter()
-            timed.start()
-            status = 500  # what Hypercorn answers when an exception escapes
-            try:
-                status = await self._serve_http(scope, receive, send)
-            finally:
-                timed.done(status, time.perf_counter() - started)
+            await self._traced(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         else:  # websocket: refuse the handshake (Hypercorn answers 403)
@@ -320,6 +325,34 @@ class ASGIAdapter:
                 return
 
     # -- http -----------------------------------------------------------------------------
+
+    async def _traced(
+        self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        """Serve one request with its id and forwarded headers set; log it once answered."""
+        started = time.perf_counter()
+        rid, values = read_request(scope["headers"], self._forward_names)
+        id_token = request_id.set(rid)
+        forwarded_token = forwarded.set(values)
+        stamped = _Stamped(send, rid.encode())
+        status = 500  # what Hypercorn answers when an exception escapes
+        try:
+            timed = self._timed.get(scope["path"])  # an aggregate, when metrics are recorded
+            if timed is None:
+                status = await self._serve_http(scope, receive, stamped)
+            else:
+                # Counted here, around everything, so fast-path hits, 304s, 400s, 413s are too.
+                timed.start()
+                try:
+                    status = await self._serve_http(scope, receive, stamped)
+                finally:
+                    timed.done(status, time.perf_counter() - started)
+        finally:
+            if access_logger.isEnabledFor(logging.INFO):
+                # What was sent, if anything was (a 503 cut at shutdown raises after sending).
+                _log_access(scope, stamped.status or status, stamped, started)
+            request_id.reset(id_token)
+            forwarded.reset(forwarded_token)
 
     async def _serve_http(
         self, scope: HTTPScope, receive: ASGIReceiveCallable, send: ASGISendCallable
@@ -500,6 +533,58 @@ async def _send_answer(send: ASGISendCallable, answer: FastAnswer, *, head: bool
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     body: bytes = b"" if head else answer.body
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Stamped:
+    """The request's `send`, adding `X-Request-ID` to the response and noting what was sent."""
+
+    __slots__ = ("_send", "_rid", "status", "headers", "size")
+
+    def __init__(self, send: ASGISendCallable, rid: bytes) -> None:
+        self._send = send
+        self._rid = rid
+        self.status = 0  # none sent yet
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.size = 0
+
+    async def __call__(self, message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.headers = [*message.get("headers", ()), (b"x-request-id", self._rid)]
+            message = {**message, "headers": self.headers}
+        elif message["type"] == "http.response.body":
+            self.size += len(message.get("body", b""))
+        await self._send(message)
+
+
+def _log_access(scope: HTTPScope, status: int, sent: _Stamped, started: float) -> None:
+    """The request's one INFO line. The path is logged as sent (percent-encoded), so a decoded
+    control character can never forge a log line."""
+    ms = round((time.perf_counter() - started) * 1000, 1)
+    raw_path = scope.get("raw_path")
+    path = raw_path.decode("latin-1") if raw_path else quote(scope["path"])
+    if scope["query_string"]:
+        path = f"{path}?{scope['query_string'].decode('latin-1')}"
+    cache = next((v.decode("latin-1") for k, v in sent.headers if k == b"x-cache"), "-")
+    client = scope.get("client")
+    access_logger.info(
+        "%s %s %d %d B %.1f ms cache=%s",
+        scope["method"],
+        path,
+        status,
+        sent.size,
+        ms,
+        cache,
+        extra={
+            "method": scope["method"],
+            "path": path,
+            "status": status,
+            "bytes": sent.size,
+            "ms": ms,
+            "cache": cache,
+            "client": client[0] if client else None,
+        },
+    )
 
 
 def _no_write(data: bytes) -> object:

@@ -161,7 +161,7 @@ def run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
     config = Config.from_toml(hypercorn_config) if hypercorn_config.is_file() else Config()
     if not hypercorn_config.is_file():
         config.bind = ["127.0.0.1:8000"]
-        config.accesslog = "-"
+        # No Hypercorn access log, as in hypercorn.toml: aggregator.access logs each request.
         for attribute, value in SERVER_LIMITS.items():
             setattr(config, attribute, value)
         config.graceful_timeout = 10.0  # as hypercorn.toml ships: the default deadline

@@ -42,6 +42,34 @@ _FALSE = {"false", "0", "no", "off"}
 _INT = re.compile(r"[+-]?[0-9]{1,18}")
 _FLOAT = re.compile(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|inf|infinity|nan)", re.I)
 MAX_PARAM_LENGTH = 1024
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: A forwardable header name: letters, digits and `-` (as `cache_vary`: WSGI reads `_` as `-`).
+_FORWARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+#: Client headers never forwarded upstream, with why: they describe the connection to us, frame
+#: or route our own request, are meant for us as the proxy, or ask about OUR answer (the client's
+#: caching and encoding), so an upstream seeing them would answer something we cannot use.
+NEVER_FORWARDED = {
+    "connection": "a hop-by-hop header",
+    "keep-alive": "a hop-by-hop header",
+    "proxy-connection": "a hop-by-hop header",
+    "te": "a hop-by-hop header",
+    "trailer": "a hop-by-hop header",
+    "transfer-encoding": "a hop-by-hop header",
+    "upgrade": "a hop-by-hop header",
+    "host": "set from the upstream's url",
+    "content-length": "set by the client for its own request",
+    "proxy-authorization": "credentials meant for this service as a proxy",
+    "accept-encoding": "the client's encodings are for our answer, not the upstream's",
+    "if-none-match": "conditional headers are about our answer, not the upstream's",
+    "if-modified-since": "conditional headers are about our answer, not the upstream's",
+    "if-match": "conditional headers are about our answer, not the upstream's",
+    "if-unmodified-since": "conditional headers are about our answer, not the upstream's",
+    "if-range": "conditional headers are about our answer, not the upstream's",
+    "range": "a partial body is not a usable answer",
+    "x-request-id": "always sent: the request's id (see README, Request ids)",
+}
+#: Client credentials: forwarded only with `forward_credentials = true` on that upstream.
+CREDENTIAL_HEADERS = frozenset({"authorization", "cookie"})
 RESERVED_PATHS = frozenset(
     {
         "/",
@@ -157,6 +185,12 @@ class UpstreamConfig(_Strict):
     connect_timeout: float | None = Field(default=None, gt=0, le=300)
     schema_: str | None = Field(default=None, alias="schema", pattern=r"^[\w.]+:\w+$")
     headers: dict[str, str] = Field(default_factory=dict)
+    #: Client request headers passed on to this upstream (default: none). Their values are part
+    #: of the cache keys, so answers never mix across different values (README, Headers).
+    forward_headers: list[str] = Field(default_factory=list, max_length=32)
+    #: Allows `Authorization` and `Cookie` in `forward_headers` (the client's credentials reach
+    #: this upstream; cached answers are then kept per credential).
+    forward_credentials: bool = False
     #: Seconds to reuse a successful answer. Unset: honour the upstream's Cache-Control
     #: (max-age; no-store and private mean never); set: this wins; 0: never cache.
     cache_ttl: float | None = Field(default=None, ge=0, le=86_400)
@@ -194,13 +228,56 @@ class UpstreamConfig(_Strict):
     def _expand_headers(cls, value: dict[str, str]) -> dict[str, str]:
         expanded: dict[str, str] = {}
         for name, raw in value.items():
-            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() == "x-request-id":
+                raise ValueError("X-Request-ID is set per request (the request's id)")
             text = expand_env(raw)
             if any(c in text for c in "\r\n\0"):
                 raise ValueError(f"value of header {name} contains a line break")
             expanded[name] = text
         return expanded
+
+    @field_validator("forward_headers", mode="after")
+    @classmethod
+    def _check_forwarded(cls, value: list[str]) -> list[str]:
+        seen: set[str] = set()
+        for name in value:
+            key = name.lower()
+            if not _FORWARD_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name (letters, digits and -)")
+            if key in NEVER_FORWARDED:
+                raise ValueError(f"{name} is never forwarded ({NEVER_FORWARDED[key]})")
+            if key in seen:
+                raise ValueError(f"{name} is listed twice")
+            seen.add(key)
+        return value
+
+    @model_validator(mode="after")
+    def _check_forwarding(self) -> UpstreamConfig:
+        for name in self.forward_headers:
+            if name.lower() in CREDENTIAL_HEADERS and not self.forward_credentials:
+                raise ValueError(
+                    f"forward_headers: {name} carries the client's credentials; forwarding it "
+                    "needs forward_credentials = true on this upstream"
+                )
+        static = {name.lower() for name in self.headers}
+        clash = [name for name in self.forward_headers if name.lower() in static]
+        if clash:
+            raise ValueError(
+                f"forward_headers: {clash[0]} is also a configured header (one or the other)"
+            )
+        return self
+
+    @cached_property
+    def forwarded(self) -> tuple[tuple[str, str], ...]:
+        """`forward_headers` as (name as configured, lowercase name as ASGI gives it) pairs."""
+        return tuple((name, name.lower()) for name in self.forward_headers)
+
+    @cached_property
+    def forwarded_keys(self) -> tuple[str, ...]:
+        """The lowercase forwarded names, sorted: what this upstream's cache entries vary by."""
+        return tuple(sorted(key for _, key in self.forwarded))
 
     @cached_property
     def template(self) -> UrlTemplate:
@@ -322,6 +399,32 @@ class AppConfig(_Strict):
 
     upstreams: dict[str, UpstreamConfig]
     aggregates: dict[str, AggregateConfig]
+
+    def forwarded_by(self, aggregate: str) -> tuple[str, ...]:
+        """Lowercase client headers some source of `aggregate` forwards (its cache keys vary)."""
+        sources = self.aggregates[aggregate].sources
+        ups = self.upstreams
+        return tuple(sorted({key for s in sources if s in ups for key in ups[s].forwarded_keys}))
+
+    def vary_by(self, aggregate: str) -> tuple[str, ...]:
+        """The headers `aggregate`'s cache entries vary by: its `cache_vary`, then every header
+        its sources forward (an answer may depend on them, so they must be in the key)."""
+        return self._vary_table[aggregate]
+
+    @cached_property
+    def _vary_table(self) -> dict[str, tuple[str, ...]]:
+        table: dict[str, tuple[str, ...]] = {}
+        for name, agg in self.aggregates.items():
+            extra = (h for h in self.forwarded_by(name) if h not in agg.cache_vary)
+            table[name] = (*agg.cache_vary, *extra)
+        return table
+
+    @cached_property
+    def forwarded_anywhere(self) -> frozenset[bytes]:
+        """Every forwarded header name as ASGI spells it (lowercase bytes), for the adapter."""
+        return frozenset(
+            key.encode("latin-1") for up in self.upstreams.values() for _, key in up.forwarded
+        )
 
     @field_validator("upstreams", "aggregates", mode="after")
     @classmethod

@@ -22,6 +22,7 @@ deadline reporting, on a blocking client, for comparison with the async views.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import time
 from collections.abc import Mapping
@@ -169,8 +170,11 @@ def fan_out_threads(
     """
     started = time.perf_counter()
     deadline = time.monotonic() + aggregate.deadline
+    # A pool thread does not inherit our contextvars (the request id, forwarded headers): each
+    # call runs in its own copy (one context cannot be entered by two threads at once).
     calls = {
         name: executor.submit(
+            contextvars.copy_context().run,
             fetch_sync,
             client,
             name,

@@ -13,6 +13,8 @@ Engine = Literal["aiohttp", "httpx"]
 #: Where /metrics is served on the main port: behind the admin token (default), to anyone, or
 #: nowhere (and nothing is recorded).
 MetricsMode = Literal["token", "public", "off"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+LogFormat = Literal["text", "json"]
 CacheType = Literal["simple", "filesystem", "redis", "redissentinel", "rediscluster", "null"]
 #: Backends whose entries live inside one process: useless (and wrong) with several workers.
 PER_PROCESS_CACHES = frozenset({"simple"})
@@ -97,6 +99,22 @@ class Settings(BaseSettings):
     #: host:port of a separate plain-HTTP metrics listener, opened by `aggregator serve` in its
     #: parent process (it reads every worker's numbers); unauthenticated, so bind it privately.
     metrics_bind: str | None = None
+
+    # -- logging (aggregator.log applies them before the app is built; checked here) -----------
+    #: INFO: one line per request (aggregator.access); DEBUG adds one per upstream call.
+    log_level: LogLevel = "INFO"
+    #: text, or json: one JSON object per line (time, level, logger, message, request_id, ...).
+    log_format: LogFormat = "text"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     def admin_secret(self) -> str:
         """The admin token, or "" when none is set (an empty one counts as none)."""

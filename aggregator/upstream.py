@@ -36,6 +36,7 @@ import httpx
 
 from aggregator.cachecontrol import parse_cache_control
 from aggregator.config import ParamValue, UpstreamConfig
+from aggregator.context import outgoing_headers
 from aggregator.engines import build_client, build_sync_client
 from aggregator.errors import (
     UpstreamError,
@@ -114,25 +115,32 @@ async def fetch(
     """
     started = time.perf_counter()
     url = upstream.template.render(params)
+    attempts = 0
 
     async def attempt(seconds: float) -> SourceResult:
+        nonlocal attempts
+        attempts += 1
+        begun = time.perf_counter()
         try:
             async with asyncio.timeout(seconds):
                 body, cache_control = await _get(client, name, url, upstream, max_body)
             data = decode(name, upstream, body)
         except UpstreamError as exc:
-            return _failure(name, exc, started)
+            result = _failure(name, exc, started)
         except TimeoutError:
-            return _failure(name, _cut_off(name, upstream), started)
-        return _success(name, data, cache_control, started)
+            result = _failure(name, _cut_off(name, upstream), started)
+        else:
+            result = _success(name, data, cache_control, started)
+        if logger.isEnabledFor(logging.DEBUG):
+            _log_call(result, attempts, begun)
+        return result
 
     if guard is None:
-        result = await attempt(upstream.timeout)
-    else:
-        outcome = await guard.call(attempt, deadline=deadline)
-        result = _failure(name, outcome, started) if isinstance(outcome, UpstreamError) else outcome
-    logger.debug("upstream %s %s %.1f ms", name, result.status, result.ms)
-    return result
+        return await attempt(upstream.timeout)
+    outcome = await guard.call(attempt, deadline=deadline)
+    if isinstance(outcome, UpstreamError):
+        return _refused(name, outcome, started)
+    return outcome
 
 
 def fetch_sync(
@@ -154,22 +162,29 @@ def fetch_sync(
     """
     started = time.perf_counter()
     url = upstream.template.render(params)
+    attempts = 0
 
     def attempt(seconds: float) -> SourceResult:
+        nonlocal attempts
+        attempts += 1
+        begun = time.perf_counter()
         try:
             body, cache_control = _get_sync(client, name, url, upstream, max_body, seconds)
             data = decode(name, upstream, body)
         except UpstreamError as exc:
-            return _failure(name, exc, started)
-        return _success(name, data, cache_control, started)
+            result = _failure(name, exc, started)
+        else:
+            result = _success(name, data, cache_control, started)
+        if logger.isEnabledFor(logging.DEBUG):
+            _log_call(result, attempts, begun)
+        return result
 
     if guard is None:
-        result = attempt(upstream.timeout)
-    else:
-        outcome = guard.call_sync(attempt, deadline=deadline)
-        result = _failure(name, outcome, started) if isinstance(outcome, UpstreamError) else outcome
-    logger.debug("upstream %s %s %.1f ms (sync)", name, result.status, result.ms)
-    return result
+        return attempt(upstream.timeout)
+    outcome = guard.call_sync(attempt, deadline=deadline)
+    if isinstance(outcome, UpstreamError):
+        return _refused(name, outcome, started)
+    return outcome
 
 
 class SyncClient:
@@ -214,7 +229,9 @@ async def _get(
     client: httpx.AsyncClient, name: str, url: str, upstream: UpstreamConfig, max_body: int
 ) -> tuple[bytes, CacheControl]:
     """The decoded body and caching headers of a 2xx answer (the caller bounds the total time)."""
-    redirects = Redirects(name, upstream, url)
+    redirects = Redirects(
+        name, upstream, url, outgoing_headers(upstream.headers, upstream.forwarded)
+    )
     target: str | httpx.URL = url
     try:
         while True:
@@ -242,7 +259,9 @@ def _get_sync(
 ) -> tuple[bytes, CacheControl]:
     """`_get` for a blocking client; it bounds the total time itself (see `fetch_sync`)."""
     deadline = time.monotonic() + seconds
-    redirects = Redirects(name, upstream, url)
+    redirects = Redirects(
+        name, upstream, url, outgoing_headers(upstream.headers, upstream.forwarded)
+    )
     target: str | httpx.URL = url
     try:
         while True:
@@ -334,6 +353,47 @@ def _failure(name: str, exc: UpstreamError, started: float) -> SourceResult:
         detail=exc.detail,
         upstream_status=exc.status,
         locations=locations,
+    )
+
+
+def _refused(name: str, exc: UpstreamError, started: float) -> SourceResult:
+    """A call the guard refused (`circuit_open`, `overloaded`): no upstream was contacted."""
+    result = _failure(name, exc, started)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "upstream %s not called: %s",
+            name,
+            result.status,
+            extra={
+                "source": name,
+                "attempt": 0,
+                "outcome": result.status,
+                "error": result.status,
+                "ms": result.ms,
+            },
+        )
+    return result
+
+
+def _log_call(result: SourceResult, attempt: int, begun: float) -> None:
+    """One DEBUG line per upstream call (per attempt): never a header value nor a body."""
+    ms = round((time.perf_counter() - begun) * 1000, 1)
+    http = f" (HTTP {result.upstream_status})" if result.upstream_status is not None else ""
+    logger.debug(
+        "upstream %s attempt %d: %s%s in %.1f ms",
+        result.name,
+        attempt,
+        result.status,
+        http,
+        ms,
+        extra={
+            "source": result.name,
+            "attempt": attempt,
+            "outcome": result.status,
+            "http_status": result.upstream_status,
+            "ms": ms,
+            "error": None if result.ok else result.status,
+        },
     )
 
 

@@ -56,15 +56,16 @@ async def purge(
 
     Whole aggregates and upstreams are purged with a marker holding the purge time (entries
     stored before it read as misses), which works the same on every backend without listing
-    keys. An aggregate with `cache_vary` keeps one entry per parameter set and header values,
-    so purging one parameter set purges the whole aggregate. Returns what was purged, for the
-    caller to report.
+    keys. An aggregate whose entries vary by headers (`cache_vary`, or a source that forwards
+    client headers) keeps one entry per parameter set and header values, so purging one
+    parameter set purges the whole aggregate. Returns what was purged, for the caller to report.
     """
     config = service.config
     now = service.clock()
     purged: list[str] = []
     service.forget_local()
-    if aggregate is not None and params is not None and not config.aggregates[aggregate].cache_vary:
+    varies = bool(config.vary_by(aggregate)) if aggregate is not None else False
+    if aggregate is not None and params is not None and not varies:
         key = aggregate_key(aggregate, params)
         await service.store.delete_many(key)
         purged.append(key)

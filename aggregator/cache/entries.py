@@ -5,6 +5,12 @@ status, ETag) and the response body exactly as served, so a hit sends stored byt
 re-encoding them. Entries are re-validated on the way out: the meta through its model, the body
 against the ETag digest recorded with it and through the envelope model; anything else is a
 miss, never an error.
+
+An aggregate's key may end in a digest of header values (`privacy`): those of its `cache_vary`
+and of every client header one of its sources forwards (`forward_headers`: the answer may depend
+on them). A source entry's key likewise has the digest of the headers its upstream forwards.
+Digests, never the values: keys appear in logs and backend key listings, and a forwarded
+`Authorization` or `Cookie` is a secret.
 """
 
 from __future__ import annotations
@@ -94,8 +100,10 @@ def aggregate_key(name: str, params: Mapping[str, ParamValue], vary: str = "") -
     return f"{key}|vary={vary}" if vary else key
 
 
-def source_key(upstream: str, url: str) -> str:
-    return f"src:{upstream}:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
+def source_key(upstream: str, url: str, vary: str = "") -> str:
+    """`vary`: the digest of the client headers this upstream forwards (`privacy.vary_digest`)."""
+    key = f"src:{upstream}:{hashlib.sha256(url.encode()).hexdigest()[:32]}"
+    return f"{key}|vary={vary}" if vary else key
 
 
 def aggregate_marker(name: str) -> str:

@@ -34,7 +34,13 @@ ANONYMOUS = Caller()
 
 
 def vary_digest(values: Sequence[str]) -> str:
-    """The cache key's part for these header values (hashed: no tenant or secret in key names)."""
+    """The cache key's part for these header values (hashed: no tenant or secret in key names).
+
+    "" when none of them is set: such a request has the same inputs as one made without headers
+    (`aggregator warm`, a purge of one parameter set), so it shares their plain key.
+    """
+    if not any(values):
+        return ""
     return hashlib.sha256("\0".join(values).encode("utf-8", "surrogateescape")).hexdigest()[:32]
 
 

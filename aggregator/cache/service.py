@@ -8,6 +8,10 @@ revalidate refreshes use the same tasks, so a key is never refreshed twice at on
 a short `SET NX` lock per key makes other processes wait for the holder's entry instead of
 fanning out themselves.
 
+A fill runs in the context of the request that started it (see `aggregator.context`): its
+upstream calls send that request's `X-Request-ID`, also on behalf of the requests that joined it,
+and a joining request logs which fill it waits for (at DEBUG).
+
 Every answer carries `Server-Timing`: the sources this request waited for (a miss), then
 `cache` (ms spent on cache I/O: the lookup, and a fill's lock, re-check and store) and `total`
 (ms from the lookup that began the request, before Flask when the adapter's fast path ran it,
@@ -44,6 +48,7 @@ from aggregator.cache.entries import (
 from aggregator.cache.privacy import ANONYMOUS, Caller, caller_from_asgi
 from aggregator.cache.store import CacheStore, CacheUnavailableError
 from aggregator.config import AppConfig, ParamValue
+from aggregator.context import request_id
 from aggregator.errors import InvalidRequestError
 from aggregator.metrics import OFF, Recorder
 from aggregator.settings import Settings
@@ -89,7 +94,7 @@ class Lookup:
     params: Mapping[str, ParamValue]
     state: State
     entry: AggregateEntry | None = None
-    vary: str = ""  # the key's `cache_vary` digest (privacy.Caller.vary)
+    vary: str = ""  # the key's header digest (privacy.Caller.vary)
     #: perf_counter() when the request's handling began, and ms the lookup took (Server-Timing).
     started: float = 0.0
     ms: float = 0.0
@@ -143,10 +148,15 @@ class AggregateCache:
         self._fill_fn = fill
         self.clock = clock
         self._routes = {agg.path: name for name, agg in config.aggregates.items()}
-        #: Per aggregate, its `cache_vary` header names as the fast path meets them.
+        #: Per aggregate, the headers its entries vary by (`cache_vary`, then those its sources
+        #: forward: `AppConfig.vary_by`), as the fast path meets them.
         self._vary = {
-            name: tuple(h.encode() for h in a.cache_vary) for name, a in config.aggregates.items()
+            name: tuple(h.encode() for h in config.vary_by(name)) for name in config.aggregates
         }
+        #: Per aggregate, whether it declares `cache_vary`: only that lets requests with
+        #: credentials share entries (forwarded headers only add to the key).
+        self._declared = {name: bool(a.cache_vary) for name, a in config.aggregates.items()}
+        self._vary_header = {name: ", ".join(config.vary_by(name)) for name in config.aggregates}
         self._inflight: dict[str, asyncio.Task[Filled]] = {}
         # The near cache: key -> (entry, monotonic time until which it may be reused).
         self._local: OrderedDict[str, tuple[AggregateEntry, float]] = OrderedDict()
@@ -245,9 +255,8 @@ class AggregateCache:
         name = self._routes.get(path)
         if name is None or not self.caches(name):
             return None, None
-        vary = self._vary[name]
-        caller = caller_from_asgi(headers, vary)
-        if caller.credentials and not vary:
+        caller = caller_from_asgi(headers, self._vary[name])
+        if caller.credentials and not self._declared[name]:
             return None, None  # the view answers it privately
         try:
             params = self.config.aggregates[name].parse_params(parse_query(query_string))
@@ -269,7 +278,7 @@ class AggregateCache:
     ) -> Answer:
         """The response for one request of aggregate `name` (`caller`: what its headers say)."""
         caller = caller or ANONYMOUS
-        if caller.credentials and not self._vary[name]:
+        if caller.credentials and not self._declared[name]:
             return await self._answer_privately(name, params, caller)
         vary = caller.vary
         if lookup is None or (lookup.name, lookup.params, lookup.vary) != (name, params, vary):
@@ -331,7 +340,7 @@ class AggregateCache:
             ("Server-Timing", _server_timing(how.lower(), lookup, filled)),
         ]
         if self._vary[lookup.name]:
-            headers.append(("Vary", ", ".join(self.config.aggregates[lookup.name].cache_vary)))
+            headers.append(("Vary", self._vary_header[lookup.name]))
         if meta.status == 200 and etag_matches(caller.if_none_match, meta.etag):
             return Answer(304, headers, b"")
         return Answer(meta.status, [("Content-Type", "application/json"), *headers], entry.body)
@@ -360,7 +369,7 @@ class AggregateCache:
         if bypass:
             headers.append(("X-Cache-Bypass", bypass))
         if self._vary[lookup.name]:
-            headers.append(("Vary", ", ".join(self.config.aggregates[lookup.name].cache_vary)))
+            headers.append(("Vary", self._vary_header[lookup.name]))
         if filled.status == 200:
             etag = etag_for(filled.body)
             headers.append(("ETag", etag))
@@ -428,9 +437,15 @@ class AggregateCache:
         if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
             if waiter:
                 self.metrics.coalesced(name, "worker")
+            if logger.isEnabledFor(logging.DEBUG):
+                # Its upstream calls carry the id of the request that started it: say which.
+                logger.debug("waiting for %s", task.get_name())
             return task
         fill = self._fill_and_store(name, params, key, vary, force=force)
-        task = asyncio.create_task(fill, name=f"fill:{key}")
+        # Created in this request's context: the fill's upstream calls and log lines carry its
+        # id and send its forwarded headers (whose values the key's digest was made of).
+        started_by = request_id.get() or "no request"
+        task = asyncio.create_task(fill, name=f"fill:{key} (started by {started_by})")
         self._inflight[key] = task
         task.add_done_callback(lambda t: self._forget(key, t))
         return task

@@ -2,10 +2,11 @@
 
 An aggregate entry is keyed by aggregate and parameters; a source entry by upstream and the URL
 the parameters render, so two aggregates (or two parameter sets) that make the same upstream call
-share it. How long a payload is kept is decided here (`source_ttl`): the upstream's `cache_ttl`
-when the config sets one (0 = never), else what the upstream's `Cache-Control` allows a shared
-cache (s-maxage over max-age, minus `Age`; never with no-store, no-cache or private, nor without
-a max-age). Only successful, validated payloads are stored.
+share it (with the same values of the client headers it forwards, if any). How long a payload is
+kept is decided here (`source_ttl`): the upstream's `cache_ttl` when the config sets one (0 =
+never), else what the upstream's `Cache-Control` allows a shared cache (s-maxage over max-age,
+minus `Age`; never with no-store, no-cache or private, nor without a max-age). Only successful,
+validated payloads are stored.
 
 A fan-out reads every source entry of its aggregate, and the purge markers of their upstreams,
 in ONE `get_many`. An upstream without `cache_ttl` is looked up only once this process has seen
@@ -29,8 +30,10 @@ from collections.abc import Callable, Mapping
 from pydantic import ValidationError
 
 from aggregator.cache.entries import SourceEntry, decode_marker, source_key, source_marker
+from aggregator.cache.privacy import vary_digest
 from aggregator.cache.store import CacheStore, CacheUnavailableError
 from aggregator.config import AggregateConfig, AppConfig, ParamValue, UpstreamConfig
+from aggregator.context import forwarded
 from aggregator.models import CacheControl, SourceResult
 
 logger = logging.getLogger(__name__)
@@ -75,7 +78,14 @@ class SourceCache:
         return upstream in self._looked_up
 
     def _key(self, upstream: str, params: Mapping[str, ParamValue]) -> str:
-        return source_key(upstream, self.config.upstreams[upstream].template.render(params))
+        """Upstream and URL, and the values of the client headers it forwards (this request's)."""
+        config = self.config.upstreams[upstream]
+        url = config.template.render(params)
+        names = config.forwarded_keys
+        if not names:
+            return source_key(upstream, url)
+        values = forwarded.get()
+        return source_key(upstream, url, vary_digest([values.get(name, "") for name in names]))
 
     async def lookup(
         self, aggregate: AggregateConfig, params: Mapping[str, ParamValue]

@@ -13,7 +13,9 @@ and `depth=N` (a body of N nested JSON arrays).
 
 Every request received, whatever its path, is recorded (method, Host header, raw path and query
 as sent) and listed by `GET /_requests` (the last 10,000; `POST /_reset` clears them), so tests
-can prove that no request ever reached an unexpected host or path.
+can prove that no request ever reached an unexpected host or path. `GET /_requests?headers=1`
+adds each request's headers, so tests can see what the aggregator sent upstream (request ids,
+forwarded client headers, and the ones it must never forward).
 """
 
 from __future__ import annotations
@@ -141,8 +143,9 @@ class Stats:
         self._epoch = 0
         self._transports: dict[asyncio.BaseTransport, int] = {}
         self._prune_at = 64
-        #: Every request received (bounded): what `GET /_requests` lists.
-        self.received: deque[dict[str, str]] = deque(maxlen=10_000)
+        #: Every request received (bounded): what `GET /_requests` lists, each with its headers
+        #: (aiohttp's read-only object, kept as is: nothing is copied per request).
+        self.received: deque[tuple[dict[str, str], Mapping[str, str]]] = deque(maxlen=10_000)
 
     def record(self, service: str, transport: asyncio.BaseTransport | None) -> None:
         """Count a request and, if its connection is new since the last reset, the connection."""
@@ -600,8 +603,20 @@ async def _reset(request: web.Request) -> web.Response:
 
 
 async def _requests(request: web.Request) -> web.Response:
-    """List the requests received since the last reset, oldest first."""
-    return _json(200, {"requests": list(request.app[STATS_KEY].received)})
+    """List the requests received since the last reset, oldest first (`?headers=1`: with their
+    headers, names lowercased, repeats joined with `, `)."""
+    with_headers = request.query.get("headers") == "1"
+    listed: list[dict[str, Any]] = []
+    for record, headers in request.app[STATS_KEY].received:
+        if not with_headers:
+            listed.append(record)
+            continue
+        joined: dict[str, str] = {}
+        for name, value in headers.items():
+            key = name.lower()
+            joined[key] = f"{joined[key]}, {value}" if key in joined else value
+        listed.append({**record, "headers": joined})
+    return _json(200, {"requests": listed})
 
 
 @web.middleware
@@ -610,7 +625,10 @@ async def _record(
 ) -> web.StreamResponse:
     """Note every request before routing: unknown paths and control endpoints too."""
     request.app[STATS_KEY].received.append(
-        {"method": request.method, "host": request.host, "raw_path": request.raw_path}
+        (
+            {"method": request.method, "host": request.host, "raw_path": request.raw_path},
+            request.headers,
+        )
     )
     return await handler(request)
 

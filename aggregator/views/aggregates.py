@@ -65,7 +65,7 @@ def _make_view(name: str) -> Callable[[], Awaitable[Response]]:
         query = cache.parse_query(request.environ.get("QUERY_STRING", ""))
         params = config.aggregates[name].parse_params(query)
         lookup = request.environ.get("aggregator.hint")
-        caller = cache.caller_from_headers(request.headers.get, config.aggregates[name].cache_vary)
+        caller = cache.caller_from_headers(request.headers.get, config.vary_by(name))
         answer = await service.answer(name, params, caller, lookup)
         return Response(answer.body, status=answer.status, headers=answer.headers)
 
