@@ -27,12 +27,13 @@ from types import MappingProxyType
 REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID = 128
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:-]{1,%d}" % MAX_REQUEST_ID)
-_NOTHING: Mapping[str, str] = MappingProxyType({})
+#: No forwarded headers (outside a request, or where a request's own must not travel).
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 #: The id of the request this code runs for; None outside a request (start-up, the CLI).
 request_id: ContextVar[str | None] = ContextVar("aggregator_request_id", default=None)
 #: Client headers of this request that some upstream forwards: lowercase name -> value.
-forwarded: ContextVar[Mapping[str, str]] = ContextVar("aggregator_forwarded", default=_NOTHING)
+forwarded: ContextVar[Mapping[str, str]] = ContextVar("aggregator_forwarded", default=NO_HEADERS)
 
 
 def new_request_id() -> str:
@@ -77,7 +78,7 @@ def read_request(
             else:
                 found[key] = text
     rid = new_request_id() if repeated else accept_request_id(given)
-    return rid, _NOTHING if found is None else found
+    return rid, NO_HEADERS if found is None else found
 
 
 def outgoing_headers(

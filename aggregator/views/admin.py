@@ -7,8 +7,9 @@ Parameters are typed, validated and defaulted exactly as a live request's query 
 `{"user_id": "07"}` purges the entry that `?user_id=7` filled; a value is its query-string text
 or the JSON scalar of its declared type (`7.0` is the integer 7 to JSON), anything else is a
 400, as `/openapi.json` documents.
-The token (AGGREGATOR_ADMIN_TOKEN) never appears in a log line or a response. `check_target` is
-shared with `aggregator cache purge`.
+The token (AGGREGATOR_ADMIN_TOKEN) never appears in a log line or a response, nor is it (or any
+other header of an admin request) forwarded upstream by a warm. `check_target` is shared with
+`aggregator cache purge`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 
 from aggregator.cache import AggregateCache, CacheUnavailableError, purge
 from aggregator.config import AggregateConfig, AppConfig, ParamType, ParamValue
+from aggregator.context import NO_HEADERS, forwarded
 from aggregator.errors import InvalidRequestError, UnknownTargetError
 from aggregator.settings import Settings
 from aggregator.views.errors import error_response
@@ -31,6 +33,13 @@ logger = logging.getLogger(__name__)
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 _BODY_KEYS = ("aggregate", "params", "upstream")
+
+
+@bp.before_request
+def _forward_nothing() -> None:
+    """An admin request's headers (its bearer token above all) never reach an upstream that
+    forwards client headers: a warm fills the entries of requests that send none of them."""
+    forwarded.set(NO_HEADERS)
 
 
 def check_target(config: AppConfig, aggregate: str | None, upstream: str | None) -> None:
