@@ -5,8 +5,10 @@ query parameters (types, defaults, required-ness and the limits `config.parse_va
 the envelope with each source's pydantic model under `data` (`model_json_schema` in
 serialization mode, as upstream payloads are dumped), the one error shape, and the health,
 readiness, status (with the dashboard page when it is on), admin and metrics routes. The sync
-twins are listed too, tagged `benchmark`: they exist to be compared, not to be built on. Built
-once per app: the config is read once.
+twins are listed too, tagged `benchmark`: they exist to be compared, not to be built on. Every
+operation takes an optional `X-Request-ID` and every response carries one (`aggregator.context`);
+an aggregate also lists the client headers its sources forward. Built once per app: the config
+is read once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from aggregator.config import MAX_PARAM_LENGTH, AggregateConfig, AppConfig, ParamSpec
+from aggregator.context import MAX_REQUEST_ID, REQUEST_ID_HEADER
 from aggregator.models import JSONDict, SourceError, SourceInfo
 from aggregator.status import status_paths, status_schemas
 
@@ -58,6 +61,7 @@ def build_openapi(
     paths.update(status_paths(dashboard=dashboard))
     paths.update(_admin_paths())
     paths.update(_metrics_paths())
+    _add_request_ids(paths)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -348,6 +352,7 @@ def _aggregate_operation(config: AppConfig, name: str, agg: AggregateConfig) -> 
                 "schema": {"type": "string"},
             }
         )
+    parameters += _forwarded_parameters(config, agg)
     return {
         "tags": ["aggregates"],
         "operationId": f"aggregate_{name}",
@@ -411,6 +416,56 @@ def _twin_operation(name: str, agg: AggregateConfig, prefix: str) -> JSONDict:
             "504": _json_response("The deadline cut off a required source.", envelope),
         },
     }
+
+
+def _forwarded_parameters(config: AppConfig, agg: AggregateConfig) -> list[JSONDict]:
+    """The client headers the aggregate's sources forward (its answers vary by them)."""
+    names: dict[str, str] = {}
+    for source in agg.sources:
+        for name in config.upstreams[source].forward_headers:
+            if name.lower() not in agg.cache_vary:  # listed already
+                names.setdefault(name.lower(), name)
+    return [
+        {
+            "name": name,
+            "in": "header",
+            "required": False,
+            "description": "Forwarded to the sources that allow-list it; cached per value.",
+            "schema": {"type": "string"},
+        }
+        for name in names.values()
+    ]
+
+
+_REQUEST_ID_SCHEMA: JSONDict = {
+    "type": "string",
+    "pattern": f"^[A-Za-z0-9._:-]{{1,{MAX_REQUEST_ID}}}$",
+}
+
+
+def _add_request_ids(paths: JSONDict) -> None:
+    """`X-Request-ID` in and out of every operation (the adapter stamps every response)."""
+    parameter = {
+        "name": REQUEST_ID_HEADER,
+        "in": "header",
+        "required": False,
+        "description": (
+            f"Kept when it is 1-{MAX_REQUEST_ID} of A-Z a-z 0-9 . _ : -, else replaced by a "
+            "new id (never refused); sent upstream and logged."
+        ),
+        # Any value is accepted (an invalid one is replaced), so the input schema is open.
+        "schema": {"type": "string"},
+    }
+    header = _header(
+        "The request's id: the client's when valid, else a new one.",
+        _REQUEST_ID_SCHEMA,
+        required=True,
+    )
+    for item in paths.values():
+        for operation in item.values():
+            operation["parameters"] = [*operation.get("parameters", []), parameter]
+            for response in operation["responses"].values():
+                response["headers"] = {**response.get("headers", {}), REQUEST_ID_HEADER: header}
 
 
 # -- health and admin ------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from aggregator.config import NEVER_FORWARDED, parse_config
 from aggregator.context import forwarded
 from aggregator.demo.process import DemoProcess
 from aggregator.errors import ConfigError
+from aggregator.openapi import build_openapi
 from aggregator.settings import Settings
 from tests.conftest import Server, reset_demo
 from tests.test_request_id import received
@@ -344,3 +345,22 @@ async def test_an_admin_warm_never_forwards_the_admin_token(
     assert hit.headers["x-cache"] == "HIT"
     for request in received(demo):
         assert token not in str(request["headers"]) and COOKIE not in str(request["headers"])
+
+
+def test_the_openapi_document_lists_forwarded_headers_and_request_ids(config_file: Path) -> None:
+    config = parse_config(config_file.read_text(), str(config_file))
+    document = build_openapi(config)
+    operation = document["paths"]["/api/fwd"]["get"]
+    headers = [p["name"] for p in operation["parameters"] if p["in"] == "header"]
+    assert headers == ["If-None-Match", "Accept-Language", "X-Tenant", "X-Request-ID"]
+    creds = document["paths"]["/api/creds"]["get"]["parameters"]
+    assert {p["name"] for p in creds} == {
+        "If-None-Match",
+        "Authorization",
+        "Cookie",
+        "X-Request-ID",
+    }
+    for path, item in document["paths"].items():
+        for method, op in item.items():
+            for status, response in op["responses"].items():
+                assert response["headers"]["X-Request-ID"]["required"], (path, method, status)
