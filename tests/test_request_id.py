@@ -151,6 +151,10 @@ def _probe(config_path: Path, mode: Mode) -> ASGIAdapter:
     def probe_sync() -> dict[str, Any]:
         return {"view": request_id.get(), "async": app.ensure_sync(in_task)()}
 
+    @app.get("/probe/boom")
+    async def probe_boom() -> dict[str, Any]:
+        raise RuntimeError("a bug")
+
     return ASGIAdapter(app, Settings(config=config_path, mode=mode))
 
 
@@ -171,10 +175,12 @@ async def test_the_id_is_visible_in_views_tasks_and_pool_threads(
                 for i in range(5)
             )
         )
+        boom = await client.get("/probe/boom", headers={"X-Request-ID": "bug-1"})
     for response in answers:
         rid = response.headers["x-request-id"]
         assert set(response.json().values()) == {rid}, response.json()
     assert request_id.get() is None  # reset after each request: nothing leaks into the caller
+    assert boom.status_code == 500 and boom.headers["x-request-id"] == "bug-1"
 
 
 # -- real Hypercorn -------------------------------------------------------------------------------
@@ -202,6 +208,7 @@ def test_every_kind_of_response_carries_a_new_id(
             "readyz": client.get("/readyz"),
             "admin (disabled)": client.post("/admin/purge", json={}),
             "openapi": client.get("/openapi.json"),
+            "docs": client.get("/docs"),
             "sync twin": client.get("/sync/api/traced?city=Paris"),
             "sync-pool twin": client.get("/sync-pool/api/traced?city=Paris"),
             "partial (retried source)": client.get("/api/flaky"),
