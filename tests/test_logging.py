@@ -183,13 +183,13 @@ def test_json_debug_logs_of_a_real_server(
 ) -> None:
     server = serve(write_config(traced_config(demo.url)), log_level="DEBUG", log_format="json")
     with httpx.Client(base_url=server.url, trust_env=False, timeout=10) as client:
-        for path, rid in [
-            ("/api/traced?city=Paris", "miss-1"),
-            ("/api/traced?city=Paris", "hit-2"),
-            ("/api/flaky", "retry-3"),
-            ("/sync-pool/api/traced?city=Paris", "pool-4"),
+        for path, rid, status in [
+            ("/api/traced?city=Paris", "miss-1", 200),
+            ("/api/traced?city=Paris", "hit-2", 200),
+            ("/api/flaky", "retry-3", 502),  # its only source failed
+            ("/sync-pool/api/traced?city=Paris", "pool-4", 200),
         ]:
-            assert client.get(path, headers={"X-Request-ID": rid}).status_code == 200
+            assert client.get(path, headers={"X-Request-ID": rid}).status_code == status
 
     def access(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         return {r["request_id"]: r for r in records if r["logger"] == "aggregator.access"}

@@ -57,12 +57,22 @@ def traced_config(demo_url: str, *, delay: float = 0.0) -> str:
     return TRACED_CONFIG.format(demo=demo_url, delay=delay)
 
 
+#: Where each demo service lives (the demo records paths, not services).
+SERVICE_PATHS = {"echo": "/echo/", "weather": "/weather/", "profile": "/profile/"}
+
+
 def received(demo: DemoProcess, service: str | None = None) -> list[dict[str, Any]]:
-    """What the demo services received since the last reset (oldest first)."""
-    seen: list[dict[str, Any]] = httpx.get(f"{demo.url}/_requests", trust_env=False).json()[
-        "requests"
+    """What the demo services received since the last reset, oldest first, with headers (the
+    demo's own endpoints left out)."""
+    listed: list[dict[str, Any]] = httpx.get(
+        f"{demo.url}/_requests?headers=1", trust_env=False
+    ).json()["requests"]
+    prefix = "/" if service is None else SERVICE_PATHS[service]
+    return [
+        r
+        for r in listed
+        if r["raw_path"].startswith(prefix) and not r["raw_path"].startswith(("/_", "/healthz"))
     ]
-    return [r for r in seen if service is None or r["service"] == service]
 
 
 def ids_seen(demo: DemoProcess, service: str | None = None) -> list[str | None]:
@@ -211,7 +221,7 @@ def test_every_kind_of_response_carries_a_new_id(
             "docs": client.get("/docs"),
             "sync twin": client.get("/sync/api/traced?city=Paris"),
             "sync-pool twin": client.get("/sync-pool/api/traced?city=Paris"),
-            "partial (retried source)": client.get("/api/flaky"),
+            "502 (its only source failed)": client.get("/api/flaky"),
         }
     assert responses["fast-path hit"].headers["x-cache"] == "HIT"
     assert responses["304"].status_code == 304
