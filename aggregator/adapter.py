@@ -548,12 +548,17 @@ class _Stamped:
         self.size = 0
 
     async def __call__(self, message: ASGISendEvent) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            self.headers = [*message.get("headers", ()), (b"x-request-id", self._rid)]
-            message = {**message, "headers": self.headers}
-        elif message["type"] == "http.response.body":
+        if message["type"] == "http.response.body":
             self.size += len(message.get("body", b""))
+        elif message["type"] == "http.response.start":
+            self.status = message["status"]
+            headers = message.get("headers", ())
+            if type(headers) is list:  # ours, the refusals' and asgiref's: built per response
+                headers.append((b"x-request-id", self._rid))
+            else:
+                headers = [*headers, (b"x-request-id", self._rid)]
+                message = {**message, "headers": headers}
+            self.headers = headers
         await self._send(message)
 
 

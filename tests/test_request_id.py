@@ -140,6 +140,12 @@ def test_read_request_takes_only_forwarded_headers_and_joins_repeats() -> None:
     assert values == {"accept-language": "fr, de", "cookie": "a=1; b=2"}
 
 
+def test_read_request_reads_underscores_as_dashes_like_the_cache_key() -> None:
+    # WSGI (and so the cache key's digest) cannot tell `X_Tenant` from `X-Tenant`: nor may we.
+    _, values = read_request([(b"x_tenant", b"acme")], frozenset({b"x-tenant"}))
+    assert values == {"x-tenant": "acme"}
+
+
 # -- where the id is visible (in-process ASGI stack, both modes) --------------------------------
 
 
@@ -214,6 +220,8 @@ def test_every_kind_of_response_carries_a_new_id(
             "404": client.get("/nowhere"),
             "405": client.post("/api/traced?city=Paris"),
             "413": client.post("/api/traced?city=Paris", content=b"x" * 1000),
+            "431": client.get("/healthz", headers=[(f"x-h{i}", "1") for i in range(120)]),
+            "dashboard": client.get("/"),
             "healthz": client.get("/healthz"),
             "readyz": client.get("/readyz"),
             "admin (disabled)": client.post("/admin/purge", json={}),
@@ -227,6 +235,7 @@ def test_every_kind_of_response_carries_a_new_id(
     assert responses["304"].status_code == 304
     assert responses["400"].status_code == 400
     assert responses["413"].status_code == 413
+    assert responses["431"].status_code == 431
     ids = {}
     for what, response in responses.items():
         rid = response.headers.get("x-request-id", "")
