@@ -8,9 +8,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from logging.handlers import QueueHandler
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,9 @@ def aggregator_logger() -> Iterator[logging.Logger]:
     saved = (logger.handlers[:], logger.level, logger.propagate)
     logger.handlers.clear()
     yield logger
+    for handler in logger.handlers:
+        if isinstance(handler, QueueHandler):
+            handler.listener.stop()  # type: ignore[attr-defined]  # ours carry their writer
     logger.handlers[:], logger.level, logger.propagate = saved
 
 
@@ -95,10 +100,49 @@ def test_configure_logging_reads_format_and_level_from_the_environment(
     monkeypatch.setenv("AGGREGATOR_LOG_FORMAT", "JSON")
     monkeypatch.setenv("AGGREGATOR_LOG_LEVEL", "debug")
     configure_logging()
-    (handler,) = aggregator_logger.handlers
+    (front,) = aggregator_logger.handlers
+    (writer,) = front.listener.handlers  # type: ignore[attr-defined]
     assert aggregator_logger.level == logging.DEBUG
-    assert type(handler.formatter).__name__ == "JsonFormatter"
+    assert type(writer.formatter).__name__ == "JsonFormatter"
     assert not aggregator_logger.propagate
+
+
+class _StuckStream(io.StringIO):
+    """A stderr whose reader has stopped reading: every write blocks until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.release.wait(10)
+        return super().write(text)
+
+
+def test_a_blocked_stderr_never_blocks_the_caller(aggregator_logger: logging.Logger) -> None:
+    configure_logging("INFO", "json")
+    (front,) = aggregator_logger.handlers
+    (writer,) = front.listener.handlers  # type: ignore[attr-defined]
+    stuck = _StuckStream()
+    writer.setStream(stuck)
+    token = request_id.set("rid-queued")
+    try:
+        began = time.perf_counter()
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("aggregator.test").exception("while %s", "stuck")
+        took = time.perf_counter() - began
+    finally:
+        request_id.reset(token)
+    stuck.release.set()
+    front.listener.stop()  # type: ignore[attr-defined]  # drains the queue
+    aggregator_logger.handlers.clear()
+    assert took < 0.5  # the write waited; the caller did not
+    line = json.loads(stuck.getvalue())
+    # read in the caller's context, merged before queueing, exception kept as its own field
+    assert line["request_id"] == "rid-queued" and line["message"] == "while stuck"
+    assert "ValueError: boom" in line["exc_info"]
 
 
 @pytest.mark.parametrize(
