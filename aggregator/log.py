@@ -117,8 +117,8 @@ def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
     with a readable start-up error (this runs before settings are read).
     """
     logger = logging.getLogger("aggregator")
-    if logger.handlers:
-        return
+    if any(isinstance(h, _Enqueue) for h in logger.handlers):
+        return  # others' handlers (a test runner's capture) are no reason to skip ours
     fmt = (fmt or os.environ.get("AGGREGATOR_LOG_FORMAT", "text")).strip().lower()
     logger.addHandler(_queued(build_handler(fmt)))
     wanted = (level or os.environ.get("AGGREGATOR_LOG_LEVEL", "INFO")).strip().upper()

@@ -36,6 +36,9 @@ def aggregator_logger() -> Iterator[logging.Logger]:
     logger = logging.getLogger("aggregator")
     saved = (logger.handlers[:], logger.level, logger.propagate)
     logger.handlers.clear()
+    # pytest attaches its capture handlers to loggers that do not propagate when a test phase
+    # starts; an earlier configure_logging left this one so.
+    logger.propagate = True
     yield logger
     for handler in logger.handlers:
         if isinstance(handler, QueueHandler):
