@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aggregator import cli
-from aggregator.bench import plan
+from aggregator.bench import plan, report
 from aggregator.bench.load import run_load
 from aggregator.bench.loadgen import NotLoopbackError, check_loopback, generate, percentile
 from aggregator.bench.plan import PlanError, Target, Workload, parse_target
@@ -129,6 +129,11 @@ def test_gc_flags_set_each_servers_collector(monkeypatch, tmp_path, spec, thresh
     env = server_env(parse_target(spec), tmp_path / "b.toml", 16)
     assert env["AGGREGATOR_GC_THRESHOLD"] == threshold
     assert "AGGREGATOR_GC_THRESHOLD" not in passed_settings()
+
+
+@pytest.mark.parametrize("count", [1, 14, 20, 45])
+def test_every_chart_line_has_a_style_of_its_own(count):
+    assert len(set(report.line_styles(count))) == count
 
 
 def test_target_paths_pick_the_view_and_the_cached_aggregate():
