@@ -90,7 +90,8 @@ def demo(
     host: str, port: int, latency: float, jitter: float, failure_rate: float, stall_rate: float
 ) -> None:
     """Run only the slow demo upstream services (what the bundled config aggregates)."""
-    from aggregator.demo.server import Knobs, run_demo
+    from aggregator.demo.knobs import Knobs
+    from aggregator.demo.server import run_demo
 
     knobs = Knobs(latency=latency, jitter=jitter, failure_rate=failure_rate, stall_rate=stall_rate)
     run_demo(host, port, knobs)

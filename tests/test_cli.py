@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from aggregator import cli
-from aggregator.demo.server import Knobs
+from aggregator.demo.knobs import Knobs
 
 
 def test_demo_command_passes_its_knobs(runner, monkeypatch):

@@ -15,9 +15,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from aggregator.demo.knobs import Knobs
 from aggregator.demo.models import News, Profile, Recommendations, Stocks, Weather
 from aggregator.demo.process import DemoProcess, free_port, start_demo_process
-from aggregator.demo.server import Knobs, create_demo_app
+from aggregator.demo.server import create_demo_app
 
 Client = TestClient[web.Request, web.Application]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from aggregator.demo.server import Knobs, run_demo
+from aggregator.demo.knobs import Knobs
+from aggregator.demo.server import run_demo
 
 
 def main(argv: list[str] | None = None) -> None:

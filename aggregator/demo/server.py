@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import math
 import random
@@ -30,32 +29,14 @@ import signal
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from typing import Any
-from urllib.parse import quote
 
 from aiohttp import web
-from pydantic import BaseModel
 
-from aggregator.demo.models import (
-    Article,
-    Item,
-    News,
-    Profile,
-    Quote,
-    Recommendations,
-    Stocks,
-    Weather,
-)
+from aggregator.demo.knobs import BadKnobError, Knobs, parse_knobs
+from aggregator.demo.payloads import cached_body
 
 SERVICES = ("weather", "stocks", "news", "profile", "recommendations", "echo")
-_EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
-_CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "snowy", "foggy")
-_SYMBOLS = ("ACME", "GLOBEX", "INITECH", "UMBRELLA", "HOOLI", "STARK", "WAYNE", "WONKA")
-_NAMES = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Ken")
-_CITIES = ("Paris", "Berlin", "Tokyo", "Lima", "Oslo", "Nairobi", "Austin", "Hanoi")
 _HTML = b"<html><head><title>demo</title></head><body><h1>Not JSON</h1></body></html>"
 _WRONG_SHAPES: dict[str, dict[str, Any]] = {
     "weather": {"city": 42, "temperature_c": "very hot"},
@@ -74,57 +55,6 @@ _GZIP_WRITE = 64 * 1024
 #: Longest a stalled call waits for its caller to give up, and how often it looks.
 _STALL_MAX = 60.0
 _STALL_TICK = 0.05
-
-
-@dataclass(frozen=True)
-class Knobs:
-    """Server-wide defaults for the per-request knobs, so one flag slows every upstream."""
-
-    latency: float = 0.1
-    jitter: float = 0.0
-    failure_rate: float = 0.0
-    #: Chance that a call stalls until its caller times out (the `stall` knob's default).
-    stall_rate: float = 0.0
-
-    def __post_init__(self) -> None:
-        """Reject nonsense early so a misconfigured demo fails at startup, not per request."""
-        for name in ("latency", "jitter"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("failure_rate", "stall_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be within 0..1, got {value!r}")
-
-
-@dataclass(frozen=True)
-class _RequestKnobs:
-    """Knobs resolved for one request, so handlers read typed values."""
-
-    delay: float
-    jitter: float
-    fail: float
-    stall: float = 0.0
-    status: int | None = None
-    drip: float = 0.0
-    size: int = 0
-    invalid: bool = False
-    html: bool = False
-    wrong_shape: bool = False
-    cache_control: str | None = None
-    redirect: str | None = None
-    gzip: bool = False
-    content_type: str = "application/json"
-    depth: int = 0
-
-
-class _BadKnob(ValueError):
-    """A knob value that cannot be parsed, so the 400 body can name it."""
-
-    def __init__(self, knob: str, message: str) -> None:
-        super().__init__(f"bad value for knob {knob!r}: {message}")
-        self.knob = knob
 
 
 class _NotFound(LookupError):
@@ -191,180 +121,12 @@ KNOBS_KEY = web.AppKey("knobs", Knobs)
 STATS_KEY = web.AppKey("stats", Stats)
 
 
-def _rng(*parts: object) -> random.Random:
-    """Seed a generator from the inputs so every payload is reproducible across runs."""
-    digest = hashlib.sha256("\x00".join(map(str, parts)).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
-
-
-def _stamp(rng: random.Random) -> datetime:
-    """Pick a deterministic timestamp within the demo's fixed year."""
-    return _EPOCH + timedelta(seconds=rng.randrange(365 * 86400))
-
-
-def _weather(city: str) -> Weather:
-    """Build the weather for a city."""
-    rng = _rng("weather", city)
-    return Weather(
-        city=city,
-        temperature_c=round(rng.uniform(-10.0, 35.0), 1),
-        conditions=rng.choice(_CONDITIONS),
-        updated_at=_stamp(rng),
-    )
-
-
-def _stocks(user_id: int) -> Stocks:
-    """Build a user's quotes."""
-    rng = _rng("stocks", user_id)
-    symbols = rng.sample(_SYMBOLS, 3 + user_id % 3)
-    quotes = [
-        Quote(
-            symbol=s, price=round(rng.uniform(5, 500), 2), change_pct=round(rng.uniform(-5, 5), 2)
-        )
-        for s in symbols
-    ]
-    return Stocks(user_id=user_id, quotes=quotes)
-
-
-def _news(topic: str) -> News:
-    """Build headlines for a topic."""
-    rng = _rng("news", topic)
-    slug = quote(topic, safe="")
-    articles = [
-        Article(
-            title=f"{topic.title()} story #{i}: {rng.choice(_CITIES)} {rng.choice(_CONDITIONS)}",
-            url=f"https://example.invalid/news/{slug}/{i}",
-            published_at=_stamp(rng),
-        )
-        for i in range(1, 6)
-    ]
-    return News(topic=topic, articles=articles)
-
-
-def _profile(user_id: int) -> Profile:
-    """Build a user's profile."""
-    rng = _rng("profile", user_id)
-    plan = "pro" if user_id % 3 == 0 else "free"
-    return Profile(user_id=user_id, name=rng.choice(_NAMES), city=rng.choice(_CITIES), plan=plan)
-
-
-def _recommendations(user_id: int) -> Recommendations:
-    """Build a user's ranked recommendations."""
-    rng = _rng("recommendations", user_id)
-    scores = sorted((round(rng.random(), 2) for _ in range(5)), reverse=True)
-    items = [
-        Item(
-            id=f"item-{rng.randrange(10000):04d}",
-            title=f"{rng.choice(_SYMBOLS).title()} kit",
-            score=s,
-        )
-        for s in scores
-    ]
-    return Recommendations(user_id=user_id, items=items)
-
-
-@lru_cache(maxsize=4096)
-def _cached_body(service: str, key: str | int) -> bytes:
-    """Serialize a payload once, since the data is deterministic and this is the hot path."""
-    builders: dict[str, Callable[[Any], BaseModel]] = {
-        "weather": _weather,
-        "stocks": _stocks,
-        "news": _news,
-        "profile": _profile,
-        "recommendations": _recommendations,
-    }
-    return builders[service](key).model_dump_json().encode()
-
-
 def _user_id(request: web.Request) -> int:
     """Parse the user id path segment, which must be an integer."""
     try:
         return int(request.match_info["user_id"])
     except ValueError:
         raise _NotFound("user_id must be an integer") from None
-
-
-def _number(query: Mapping[str, str], knob: str, default: float, hi: float) -> float:
-    """Parse a float knob within 0..hi."""
-    raw = query.get(knob)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise _BadKnob(knob, f"{raw!r} is not a number") from None
-    if not 0.0 <= value <= hi:  # also rejects nan
-        raise _BadKnob(knob, f"{raw!r} is outside 0..{hi:g}")
-    return value
-
-
-def _integer(query: Mapping[str, str], knob: str, lo: int, hi: int) -> int | None:
-    """Parse an integer knob within lo..hi."""
-    raw = query.get(knob)
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise _BadKnob(knob, f"{raw!r} is not an integer") from None
-    if not lo <= value <= hi:
-        raise _BadKnob(knob, f"{raw!r} is outside {lo}..{hi}")
-    return value
-
-
-def _flag(query: Mapping[str, str], knob: str) -> bool:
-    """Parse a boolean knob such as invalid=1."""
-    raw = query.get(knob)
-    if raw is None:
-        return False
-    lowered = raw.lower()
-    if lowered in ("1", "true", "yes", "on", ""):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise _BadKnob(knob, f"{raw!r} is not a boolean")
-
-
-def _header_value(query: Mapping[str, str], knob: str) -> str | None:
-    """Parse a knob sent verbatim as a header value (no line breaks, no NUL)."""
-    raw = query.get(knob)
-    if raw is not None and any(c in raw for c in "\r\n\0"):
-        raise _BadKnob(knob, "a header value cannot contain line breaks or NUL")
-    return raw
-
-
-def _parse_knobs(query: Mapping[str, str], defaults: Knobs) -> _RequestKnobs:
-    """Resolve the per-request knobs over the server-wide defaults."""
-    delay = _number(query, "delay", defaults.latency, 3600.0)
-    jitter = _number(query, "jitter", defaults.jitter, 3600.0)
-    fail = _number(query, "fail", defaults.failure_rate, 1.0)
-    stall = _number(query, "stall", defaults.stall_rate, 1.0)
-    if len(query) == 0:
-        return _RequestKnobs(delay=delay, jitter=jitter, fail=fail, stall=stall)
-    shape = query.get("shape")
-    if shape not in (None, "wrong", "ok"):
-        raise _BadKnob("shape", f"{shape!r} is not 'wrong' or 'ok'")
-    status = _integer(query, "status", 200, 599)
-    redirect = _header_value(query, "redirect")
-    if redirect is not None and status is not None and not 300 <= status <= 399:
-        raise _BadKnob("status", f"{status} is not a redirect status (with redirect=)")
-    return _RequestKnobs(
-        delay=delay,
-        jitter=jitter,
-        fail=fail,
-        stall=stall,
-        status=status,
-        drip=_number(query, "drip", 0.0, 3600.0),
-        size=_integer(query, "size", 0, 2**31) or 0,
-        invalid=_flag(query, "invalid"),
-        html=_flag(query, "html"),
-        wrong_shape=shape == "wrong",
-        cache_control=_header_value(query, "cc"),
-        redirect=redirect,
-        gzip=_flag(query, "gzip"),
-        content_type=_header_value(query, "ctype") or "application/json",
-        depth=_integer(query, "depth", 1, 1_000_000) or 0,
-    )
 
 
 def _json(status: int, payload: Mapping[str, Any]) -> web.Response:
@@ -499,9 +261,9 @@ async def _serve(
     stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
     try:
         try:
-            knobs = _parse_knobs(request.query, request.app[KNOBS_KEY])
+            knobs = parse_knobs(request.query, request.app[KNOBS_KEY])
             body = build()
-        except _BadKnob as exc:
+        except BadKnobError as exc:
             return _error(400, service, str(exc), knob=exc.knob)
         except _NotFound as exc:
             return _error(404, service, str(exc))
@@ -543,31 +305,31 @@ async def _serve(
 async def _weather_handler(request: web.Request) -> web.StreamResponse:
     """Serve GET /weather/{city}."""
     return await _serve(
-        request, "weather", lambda: _cached_body("weather", request.match_info["city"])
+        request, "weather", lambda: cached_body("weather", request.match_info["city"])
     )
 
 
 async def _stocks_handler(request: web.Request) -> web.StreamResponse:
     """Serve GET /stocks/{user_id}."""
-    return await _serve(request, "stocks", lambda: _cached_body("stocks", _user_id(request)))
+    return await _serve(request, "stocks", lambda: cached_body("stocks", _user_id(request)))
 
 
 async def _news_handler(request: web.Request) -> web.StreamResponse:
     """Serve GET /news?topic=..."""
     return await _serve(
-        request, "news", lambda: _cached_body("news", request.query.get("topic") or "general")
+        request, "news", lambda: cached_body("news", request.query.get("topic") or "general")
     )
 
 
 async def _profile_handler(request: web.Request) -> web.StreamResponse:
     """Serve GET /profile/{user_id}."""
-    return await _serve(request, "profile", lambda: _cached_body("profile", _user_id(request)))
+    return await _serve(request, "profile", lambda: cached_body("profile", _user_id(request)))
 
 
 async def _recommendations_handler(request: web.Request) -> web.StreamResponse:
     """Serve GET /recommendations/{user_id}."""
     return await _serve(
-        request, "recommendations", lambda: _cached_body("recommendations", _user_id(request))
+        request, "recommendations", lambda: cached_body("recommendations", _user_id(request))
     )
 
 
