@@ -454,9 +454,10 @@ def test_failing_upstreams_show_as_partial_answers_not_server_errors(tmp_path, t
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (row,) = json.loads((out / "results.json").read_text())["summary"]
-    # Each of 12 sources fails half the time: nearly every answer is a partial 200. Only when
-    # all 12 fail (1 in 4096) is it a 502, an error: too rare to reach the 1% flag.
-    assert row["partial_rate"] > 0.95 and row["error_rate"] <= 0.01 and row["flags"] == ""
+    # Each of 12 sources fails half the time, a budgeted retry rescuing some: at least 80% of
+    # answers are partial 200s (1 - 0.875^12 with every retry granted). Only when all 12 fail
+    # (at most 1 in 4096) is it a 502, an error: too rare to reach the 1% flag.
+    assert row["partial_rate"] > 0.5 and row["error_rate"] <= 0.01 and row["flags"] == ""
 
 
 @pytest.mark.integration
