@@ -101,7 +101,8 @@ def _queued(handler: logging.Handler) -> logging.Handler:
     """`handler` behind a queue: callers only enqueue, one thread formats and writes."""
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     front = _Enqueue(records)
-    for found in handler.filters:  # the request id must be read in the caller's context
+    for found in list(handler.filters):  # the request id must be read in the caller's context
+        handler.removeFilter(found)  # moved, not copied: once per record is enough
         front.addFilter(found)
     listener = _Writer(records, handler, respect_handler_level=True)
     front.listener = listener

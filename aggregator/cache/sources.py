@@ -73,10 +73,6 @@ class SourceCache:
         #: or (learned) a cacheable answer seen by this process.
         self._looked_up = {name for name, up in config.upstreams.items() if (up.cache_ttl or 0) > 0}
 
-    def applies(self, upstream: str) -> bool:
-        """Whether a fan-out should ask the cache for this upstream's entry."""
-        return upstream in self._looked_up
-
     def _key(self, upstream: str, params: Mapping[str, ParamValue]) -> str:
         """Upstream and URL, and the values of the client headers it forwards (this request's)."""
         config = self.config.upstreams[upstream]
