@@ -1,4 +1,8 @@
-"""aggregator: one Flask endpoint that fans out to many slow upstreams concurrently."""
+"""aggregator: one Flask endpoint that fans out to many slow upstreams concurrently.
+
+The composition root: `create_app` builds the engine (`aggregator.engine`) and registers the
+blueprints that read it; `create_asgi_app` wraps the app in the adapter Hypercorn serves.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import sys
 
 from pydantic import ValidationError
 
-from aggregator import metrics
-from aggregator.adapter import AggregatorFlask, ASGIAdapter
+from aggregator import engine as engine_module
+from aggregator import twins
 from aggregator.config import AppConfig, load_config
+from aggregator.engine import Engine
 from aggregator.errors import ConfigError
+from aggregator.serving import AggregatorFlask, ASGIAdapter
 from aggregator.settings import Settings
-from aggregator.views import admin, aggregates, dashboard, docs, errors, health, status, sync
+from aggregator.status import aggregates_meta
+from aggregator.views import admin, aggregates, dashboard, docs, errors, health, status
 from aggregator.views import metrics as metrics_view
 
 
@@ -27,18 +34,18 @@ def create_app(
     # (it is for `flask run`'s reloader and debugger), whatever the operator's shell exports.
     app.debug = False
     app.json.sort_keys = False  # type: ignore[attr-defined]  # keep config order of sources
-    app.extensions["aggregator.settings"] = settings
-    app.extensions["aggregator.config"] = config
+    engine = Engine.build(settings, config, app=app)
+    engine_module.init_app(app, engine)
     errors.init_app(app)
-    metrics.init_app(app, settings, config)  # first: the cache, guards and adapter record into it
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics_view.bp)
     app.register_blueprint(admin.bp)
-    aggregates.register(app, settings, config)
-    sync.register(app, settings, config)
+    aggregates.register(app, config)
+    twins.register(app, engine)
     docs.register(app, config, dashboard=settings.dashboard)
-    status.register(app, config)
-    dashboard.register(app, enabled=settings.dashboard)
+    meta = aggregates_meta(config)
+    status.register(app, engine, meta)
+    dashboard.register(app, meta, enabled=settings.dashboard)
     return app
 
 
@@ -59,4 +66,4 @@ def create_asgi_app_or_exit() -> ASGIAdapter:
         raise SystemExit(1) from None
 
 
-__all__ = ["Settings", "create_app", "create_asgi_app", "create_asgi_app_or_exit"]
+__all__ = ["Engine", "Settings", "create_app", "create_asgi_app", "create_asgi_app_or_exit"]

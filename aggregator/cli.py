@@ -15,16 +15,16 @@ import click
 import httpx
 from pydantic import ValidationError
 
-from aggregator import create_app, metrics_server
+from aggregator import metrics_server
 from aggregator.bench.command import bench as bench_command
 from aggregator.bench.command import soak as soak_command
-from aggregator.cache import AggregateCache, CacheUnavailableError, purge
+from aggregator.cache import check_target, purge
 from aggregator.cache.backends import check_cache_settings
 from aggregator.config import AppConfig, ParamValue, load_config
-from aggregator.errors import ConfigError, InvalidRequestError, WarmError
+from aggregator.engine import Engine
+from aggregator.errors import CacheUnavailableError, ConfigError, InvalidRequestError, WarmError
 from aggregator.log import configure_logging
 from aggregator.settings import Settings
-from aggregator.views.admin import check_target
 
 DEMO_HOST = "127.0.0.1"
 DEMO_PORT = 8101
@@ -320,13 +320,14 @@ def purge_cache(
     params: dict[str, ParamValue] | None,
     upstream: str | None,
 ) -> list[str]:
-    """Build the app as a server would and run `cache.purge` on its cache; what was purged."""
-    app = create_app(settings.model_copy(update={"metrics": "off"}), config)  # not a server
-    service: AggregateCache = app.extensions["aggregator.cache"]
+    """Build the engine as a server would and run `cache.purge` on its cache; what was purged."""
+    engine = Engine.build(settings.model_copy(update={"metrics": "off"}), config)  # not a server
     try:
-        return asyncio.run(purge(service, aggregate=aggregate, params=params, upstream=upstream))
+        return asyncio.run(
+            purge(engine.cache, aggregate=aggregate, params=params, upstream=upstream)
+        )
     finally:
-        service.store.close()
+        engine.close()
 
 
 @main.command()

@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from aggregator.errors import ConfigError, InvalidRequestError
+from aggregator.routes import RESERVED_PATHS, RESERVED_PREFIXES
 from aggregator.urltemplate import UrlTemplate
 
 ParamType = Literal["str", "int", "float", "bool"]
@@ -70,22 +71,6 @@ NEVER_FORWARDED = {
 }
 #: Client credentials: forwarded only with `forward_credentials = true` on that upstream.
 CREDENTIAL_HEADERS = frozenset({"authorization", "cookie"})
-RESERVED_PATHS = frozenset(
-    {
-        "/",
-        "/status",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-        "/openapi.json",
-        "/docs",
-        "/sync",
-        "/sync-pool",
-    }
-)
-#: Admin endpoints, the API docs' and dashboard's assets, and the sync twins of every aggregate
-#: (`/sync/api/x`, `/sync-pool/api/x`).
-RESERVED_PREFIXES = ("/admin/", "/docs/", "/static/", "/sync/", "/sync-pool/")
 
 
 def expand_env(value: str) -> str:

@@ -15,9 +15,34 @@ AggregatorError
  |    +-- TargetError               targets that fail validation, each named by file, line, field
  |    +-- NotWarmableError          a per-process cache, a refused token, an unreachable URL
  +-- StatusError                    `aggregator status` cannot read a deployment's metrics (exit 1)
+ +-- CacheUnavailableError          the cache backend failed or is cooling down; serve uncached
+
+An `UpstreamError`'s `kind` is one of `ErrorKind`, the error kinds of the envelope (DESIGN §4).
 """
 
 from __future__ import annotations
+
+import json
+from typing import Literal
+
+from werkzeug.http import HTTP_STATUS_CODES
+
+#: The one table of reason phrases every error body names its status with (werkzeug's, which
+#: Flask's own errors use; 413 as RFC 9110 names it).
+REASONS: dict[int, str] = {**HTTP_STATUS_CODES, 413: "Payload Too Large"}
+
+#: What an invalid upstream body was: not JSON, not the upstream's model, or too large.
+PayloadErrorKind = Literal["invalid_json", "validation", "too_large"]
+#: Every way a source can fail, as the envelope's `errors` and the metrics name it.
+ErrorKind = Literal[
+    "timeout",
+    "connect",
+    "http_status",
+    PayloadErrorKind,
+    "deadline",
+    "circuit_open",
+    "overloaded",
+]
 
 
 class AggregatorError(Exception):
@@ -63,9 +88,9 @@ class UnknownTargetError(InvalidRequestError):
 
 
 class UpstreamError(AggregatorError):
-    """One source failed; `kind` is the envelope's error kind."""
+    """One source failed; `kind` is the envelope's error kind (each subclass sets its own)."""
 
-    kind = "upstream"
+    kind: ErrorKind
 
     def __init__(self, upstream: str, detail: str, *, status: int | None = None) -> None:
         self.upstream = upstream
@@ -106,7 +131,7 @@ class UpstreamInvalidPayloadError(UpstreamError):
         upstream: str,
         detail: str,
         *,
-        kind: str,
+        kind: PayloadErrorKind,
         locations: list[str] | None = None,
     ) -> None:
         super().__init__(upstream, detail)
@@ -153,3 +178,18 @@ class NotWarmableError(WarmError):
 
 class StatusError(AggregatorError):
     """`aggregator status` got no metrics: unreachable, refused, or not Prometheus text."""
+
+
+class CacheUnavailableError(AggregatorError):
+    """The cache backend failed or is cooling down after a failure; serve uncached."""
+
+
+def error_body(status: int, message: str, **fields: object) -> dict[str, object]:
+    """The one JSON error shape: `{"error": <reason>, "message": ..., <fields>}`, for every
+    failure whoever answers it (a view, the adapter, the request limits)."""
+    return {"error": REASONS.get(status, "Error"), "message": message, **fields}
+
+
+def error_json(status: int, message: str, **fields: object) -> bytes:
+    """`error_body` encoded, for answers sent without Flask."""
+    return json.dumps(error_body(status, message, **fields)).encode()

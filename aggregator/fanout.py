@@ -15,19 +15,16 @@ upstream's retries, breaker and bulkhead, and no retry starts that could not end
 deadline. A failed source whose upstream has `fallback` data is answered with it (flagged, its
 error kind kept), whatever the failure, the deadline included.
 
-The sync twins' fan-outs (`fan_out_in_turn`, `fan_out_threads`) are here too: same results and
-deadline reporting, on a blocking client, for comparison with the async views.
+The sync twins' blocking fan-outs (`aggregator.twins`) report deadlines and fallbacks with the
+helpers at the end of this module, so both styles answer alike.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import time
 from collections.abc import Mapping
-from concurrent import futures
-from concurrent.futures import Executor
 from typing import Protocol
 
 import httpx
@@ -35,7 +32,7 @@ import httpx
 from aggregator.config import AggregateConfig, AppConfig, ParamValue
 from aggregator.models import SourceResult
 from aggregator.resilience import Guards, with_fallback
-from aggregator.upstream import fetch, fetch_sync
+from aggregator.upstream import fetch
 
 
 class SourceCacheProtocol(Protocol):
@@ -99,14 +96,14 @@ async def fan_out(
             task.cancel()
         if outstanding:
             await asyncio.gather(*outstanding, return_exceptions=True)
-    elapsed = _ms_since(started)
+    elapsed = ms_since(started)
     results: dict[str, SourceResult] = {}
     for name in aggregate.sources:
         call = tasks.get(name)
         if call is None:
             results[name] = hits[name]
         elif call in pending or call.cancelled():
-            results[name] = _past_deadline(name, aggregate, elapsed)
+            results[name] = past_deadline(name, aggregate, elapsed)
         elif name in looked_up and call.result().ok:
             results[name] = dataclasses.replace(call.result(), cache="miss")
         else:
@@ -116,92 +113,14 @@ async def fan_out(
     fetched = {name: r for name, r in results.items() if name in tasks and r.ok}
     if source_cache is not None and fetched:
         await source_cache.store(params, fetched)
-    return _with_fallbacks(config, results)
+    return with_fallbacks(config, results)
 
 
-# -- the sync twins (a benchmark comparison: DESIGN §2, classic blocking style) -----------------
-
-
-def fan_out_in_turn(
-    client: httpx.Client,
-    config: AppConfig,
-    aggregate: AggregateConfig,
-    params: Mapping[str, ParamValue],
-    *,
-    max_body: int,
-    guards: Guards | None = None,
-) -> dict[str, SourceResult]:
-    """Call the sources one after another (the classic sync style); no source cache.
-
-    A call in progress is bounded by its own timeout only; sources not started before the
-    aggregate deadline are reported as `deadline` without being called.
-    """
-    started = time.perf_counter()
-    deadline = time.monotonic() + aggregate.deadline
-    results: dict[str, SourceResult] = {}
-    for name in aggregate.sources:
-        if time.perf_counter() - started >= aggregate.deadline:
-            results[name] = _past_deadline(name, aggregate, _ms_since(started))
-        else:
-            upstream = config.upstreams[name]
-            guard = guards.get(name) if guards is not None else None
-            results[name] = fetch_sync(
-                client, name, upstream, params, max_body=max_body, guard=guard, deadline=deadline
-            )
-    return _with_fallbacks(config, results)
-
-
-def fan_out_threads(
-    client: httpx.Client,
-    config: AppConfig,
-    aggregate: AggregateConfig,
-    params: Mapping[str, ParamValue],
-    *,
-    max_body: int,
-    executor: Executor,
-    guards: Guards | None = None,
-) -> dict[str, SourceResult]:
-    """Call every source at once on `executor` threads, under the aggregate deadline.
-
-    Threads cannot be cancelled: at the deadline, calls not yet started are dropped and calls in
-    flight are abandoned (they end by their own timeout, holding their thread and connection
-    until then) and reported as `deadline`. `executor` must never be the pool the calling view
-    runs in, or a full pool would wait for itself.
-    """
-    started = time.perf_counter()
-    deadline = time.monotonic() + aggregate.deadline
-    # A pool thread does not inherit our contextvars (the request id, forwarded headers): each
-    # call runs in its own copy (one context cannot be entered by two threads at once).
-    calls = {
-        name: executor.submit(
-            contextvars.copy_context().run,
-            fetch_sync,
-            client,
-            name,
-            config.upstreams[name],
-            params,
-            max_body=max_body,
-            guard=guards.get(name) if guards is not None else None,
-            deadline=deadline,
-        )
-        for name in aggregate.sources
-    }
-    done, pending = futures.wait(calls.values(), timeout=aggregate.deadline)
-    for call in pending:
-        call.cancel()
-    elapsed = _ms_since(started)
-    results = {
-        name: call.result() if call in done else _past_deadline(name, aggregate, elapsed)
-        for name, call in calls.items()
-    }
-    return _with_fallbacks(config, results)
-
-
-def _with_fallbacks(config: AppConfig, results: dict[str, SourceResult]) -> dict[str, SourceResult]:
+def with_fallbacks(config: AppConfig, results: dict[str, SourceResult]) -> dict[str, SourceResult]:
     return {name: with_fallback(r, config.upstreams[name]) for name, r in results.items()}
 
 
-def _past_deadline(name: str, aggregate: AggregateConfig, ms: float) -> SourceResult:
+def past_deadline(name: str, aggregate: AggregateConfig, ms: float) -> SourceResult:
     return SourceResult(
         name=name,
         status="deadline",
@@ -210,5 +129,5 @@ def _past_deadline(name: str, aggregate: AggregateConfig, ms: float) -> SourceRe
     )
 
 
-def _ms_since(started: float) -> float:
+def ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 1)

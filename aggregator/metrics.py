@@ -47,8 +47,6 @@ from aggregator.errors import ConfigError
 from aggregator.models import SourceResult, SourceStatus
 
 if TYPE_CHECKING:
-    from flask import Flask
-
     from aggregator.config import AppConfig
     from aggregator.resilience import BreakerState
     from aggregator.settings import Settings
@@ -293,32 +291,24 @@ def check_multiprocess(settings: Settings) -> None:
         )
 
 
-def init_app(app: Flask, settings: Settings, config: AppConfig) -> Recorder:
-    """Choose the recorder for `app` (OFF unless something can read the metrics)."""
-    recorder: Recorder = OFF
-    if recording(settings):
-        check_multiprocess(settings)
-        recorder = PrometheusRecorder(config)
-        if multiprocess_dir() is not None:
-            app.extensions.setdefault("aggregator.lifespan", []).append((_started, _stopped))
-        listener = os.environ.get("AGGREGATOR_METRICS_LISTENER")
-        if settings.metrics_bind is not None and listener != settings.metrics_bind:
-            logger.warning(
-                "AGGREGATOR_METRICS_BIND=%s is opened by `aggregator serve` only; this process "
-                "was started otherwise: scrape /metrics on the main port instead",
-                settings.metrics_bind,
-            )
-    app.extensions["aggregator.metrics"] = recorder
-    return recorder
+def build_recorder(settings: Settings, config: AppConfig) -> Recorder:
+    """The recorder for one process: OFF unless something can read the metrics."""
+    if not recording(settings):
+        return OFF
+    check_multiprocess(settings)
+    listener = os.environ.get("AGGREGATOR_METRICS_LISTENER")
+    if settings.metrics_bind is not None and listener != settings.metrics_bind:
+        logger.warning(
+            "AGGREGATOR_METRICS_BIND=%s is opened by `aggregator serve` only; this process "
+            "was started otherwise: scrape /metrics on the main port instead",
+            settings.metrics_bind,
+        )
+    return PrometheusRecorder(config)
 
 
-async def _started() -> None:
-    return None
-
-
-async def _stopped() -> None:
-    # Removes only this pid's live-gauge files; its counters stay in the sums. File I/O: off
-    # the loop, like every other blocking call.
+async def forget_process() -> None:
+    """At a worker's shutdown: remove only this pid's live-gauge files (its counters stay in
+    the sums). File I/O: off the loop, like every other blocking call."""
     path = multiprocess_dir()
     if path is not None:
         loop = asyncio.get_running_loop()

@@ -7,21 +7,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from aggregator.errors import ErrorKind
+
 JSONDict = dict[str, Any]
 
 #: Error kinds of DESIGN §4; "ok" marks success.
-SourceStatus = Literal[
-    "ok",
-    "timeout",
-    "connect",
-    "http_status",
-    "invalid_json",
-    "validation",
-    "too_large",
-    "deadline",
-    "circuit_open",
-    "overloaded",
-]
+SourceStatus = Literal["ok", ErrorKind]
 
 #: Where a source's data came from when a source cache was consulted for it.
 SourceCacheState = Literal["hit", "miss"]

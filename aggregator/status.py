@@ -13,13 +13,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aggregator.models import JSONDict
+from aggregator.routes import DASHBOARD, STATUS
 
 if TYPE_CHECKING:
     from aggregator.config import AppConfig
     from aggregator.resilience import Guards
 
-STATUS_PATH = "/status"
-DASHBOARD_PATH = "/"
 SCOPE_NOTE = (
     "state of this worker process only: each worker keeps its own circuit breakers and "
     "concurrency counts, so another worker may answer differently"
@@ -143,7 +142,7 @@ def status_schemas() -> JSONDict:
 def status_paths(*, dashboard: bool) -> JSONDict:
     """`paths` entries: `/status`, and the page at `/` when it is enabled."""
     paths: JSONDict = {
-        STATUS_PATH: {
+        STATUS: {
             "get": {
                 "tags": ["status"],
                 "operationId": "status",
@@ -163,7 +162,7 @@ def status_paths(*, dashboard: bool) -> JSONDict:
         }
     }
     if dashboard:
-        paths[DASHBOARD_PATH] = {
+        paths[DASHBOARD] = {
             "get": {
                 "tags": ["status"],
                 "operationId": "dashboard",

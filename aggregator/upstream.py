@@ -348,7 +348,7 @@ def _failure(name: str, exc: UpstreamError, started: float) -> SourceResult:
     locations = exc.locations if isinstance(exc, UpstreamInvalidPayloadError) else []
     return SourceResult(
         name=name,
-        status=exc.kind,  # type: ignore[arg-type]  # kinds are the SourceStatus literals
+        status=exc.kind,
         ms=_ms(started),
         detail=exc.detail,
         upstream_status=exc.status,

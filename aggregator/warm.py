@@ -386,40 +386,27 @@ def _run_direct(
     options: RunOptions,
     reporter: Reporter,
 ) -> RunReport:
-    """Build the app as a server would, then warm its shared cache on one loop."""
-    from aggregator import create_app
+    """Build the engine as a server would, then warm its shared cache on one loop."""
+    from aggregator.engine import Engine
 
     # Blocking set-up (backend clients), before the loop. Metrics off: this process is not a
     # server (its numbers would be nobody's, or land in the servers' multiprocess directory).
-    app = create_app(settings.model_copy(update={"metrics": "off"}), config)
-    service: AggregateCache = app.extensions["aggregator.cache"]
-    if not service.store.shared:
-        service.store.close()
+    engine = Engine.build(settings.model_copy(update={"metrics": "off"}), config)
+    if not engine.store.shared:
+        engine.close()
         raise NotWarmableError(_per_process(settings.cache_type))
 
     async def direct(stop: asyncio.Event) -> RunReport:
-        from aggregator import upstream
-
         # As the lifespan does for a worker: one pooled client on this loop for every fill,
-        # then the cache's start/stop hooks (stop cancels leftover fills, closes the store).
-        await upstream.open_shared_client(settings)
-        hooks = app.extensions.get("aggregator.lifespan", [])
-        started = []
-        try:
-            for start, stop_hook in hooks:
-                await start()
-                started.append(stop_hook)
-            warmer = DirectWarmer(service)
+        # the cache's start/stop (stop cancels leftover fills, closes the store).
+        async with engine.running():
+            warmer = DirectWarmer(engine.cache)
             return await warm_targets(targets, warmer, options, on_done=reporter.done, stop=stop)
-        finally:
-            for stop_hook in reversed(started):
-                await stop_hook()
-            await upstream.close_shared_client()
 
     try:
         return asyncio.run(_with_signals(direct))
     finally:
-        service.store.close()
+        engine.close()
 
 
 async def _with_signals(body: Callable[[asyncio.Event], Awaitable[RunReport]]) -> RunReport:

@@ -21,8 +21,8 @@ from click.testing import CliRunner
 from flask.testing import FlaskClient
 
 from aggregator import create_app
-from aggregator.adapter import AggregatorFlask
 from aggregator.demo.process import DemoProcess, free_port, start_demo_process
+from aggregator.serving import AggregatorFlask
 from aggregator.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

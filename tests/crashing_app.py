@@ -6,11 +6,14 @@ traceback or exception text ever reaches a response body, whatever fails.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from aggregator import create_asgi_app_or_exit
-from aggregator.adapter import ASGIAdapter
+from aggregator.cache import Lookup
 from aggregator.log import configure_logging
+from aggregator.serving import ASGIAdapter
+from aggregator.serving.answers import FastAnswer
 
 #: Text carried by every injected exception; it must never appear in a response.
 SECRET = "internal-detail-7f3a9c"
@@ -20,7 +23,7 @@ def _fail() -> Any:
     raise RuntimeError(f"{SECRET}: /etc/aggregator/secret.toml line 3")
 
 
-def add_failing_routes(flask_app: Any) -> None:
+def add_failing_routes(adapter: ASGIAdapter) -> None:
     """`/boom/async` and `/boom/sync` raise in the view; `/boom/fast` in the adapter's fast path."""
 
     async def boom_async() -> Any:
@@ -29,21 +32,23 @@ def add_failing_routes(flask_app: Any) -> None:
     def boom_sync() -> Any:
         return _fail()
 
-    flask_app.add_url_rule("/boom/async", view_func=boom_async)
-    flask_app.add_url_rule("/boom/sync", view_func=boom_sync)
-    fast_path = flask_app.extensions.get("aggregator.fast_path")
+    adapter.app.add_url_rule("/boom/async", view_func=boom_async)
+    adapter.app.add_url_rule("/boom/sync", view_func=boom_sync)
+    fast_path = adapter.fast_path
 
-    async def failing_fast_path(path: str, *args: Any) -> Any:
+    async def failing_fast_path(
+        path: str, query: str, headers: Iterable[tuple[bytes, bytes]]
+    ) -> tuple[FastAnswer | None, Lookup | None]:
         if path == "/boom/fast":
             _fail()
-        return await fast_path(path, *args) if fast_path is not None else (None, None)
+        return await fast_path(path, query, headers)
 
-    flask_app.extensions["aggregator.fast_path"] = failing_fast_path
+    adapter.fast_path = failing_fast_path
 
 
 def create() -> ASGIAdapter:
     """What Hypercorn serves: the app `asgi.py` builds, plus the failing routes."""
     configure_logging()
     adapter = create_asgi_app_or_exit()
-    add_failing_routes(adapter.app)
+    add_failing_routes(adapter)
     return adapter

@@ -15,7 +15,7 @@ import pytest
 from flask import abort, g, request
 
 from aggregator import create_app
-from aggregator.adapter import AggregatorFlask, ASGIAdapter
+from aggregator.serving import AggregatorFlask, ASGIAdapter
 from aggregator.settings import Mode, Settings
 from aggregator.upstream import shared_client
 

@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from aggregator import cli, create_app, create_asgi_app
 from aggregator.cache import backends
+from aggregator.engine import engine_of
 from aggregator.settings import CacheType, Engine, Mode, Settings
 from aggregator.views import admin
 from tests.conftest import ROOT
@@ -52,12 +53,12 @@ def no_admin_actions(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     ],
 )
 def test_admin_routes_are_disabled_without_a_token(
-    config_path, no_admin_actions, route, token, headers
+    config_path, no_admin_actions, monkeypatch, route, token, headers
 ):
     secret = None if token is None else SecretStr(token)
     app = create_app(Settings(config=config_path, admin_token=secret))
     warms: list[str] = []
-    app.extensions["aggregator.cache"].warm = lambda *a, **k: warms.append("warm")
+    monkeypatch.setattr(engine_of(app).cache, "warm", lambda *a, **k: warms.append("warm"))
 
     response = app.test_client().post(route, json=BODIES[route], headers=headers)
 
@@ -191,7 +192,7 @@ async def test_an_exception_in_a_view_is_an_opaque_json_500_in_every_mode(
 ):
     monkeypatch.setenv("FLASK_DEBUG", "1")
     adapter = create_asgi_app(Settings(config=config_path, mode=mode))
-    add_failing_routes(adapter.app)
+    add_failing_routes(adapter)
     transport = httpx.ASGITransport(app=adapter)  # type: ignore[arg-type]  # hypercorn's ASGI types
     async with adapter.lifespan(), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         response = await c.get(path)

@@ -16,8 +16,9 @@ from aggregator.cache import AggregateCache, Caller, Filled, purge
 from aggregator.cache.backends import build_cache
 from aggregator.cache.entries import aggregate_key, canonical_params
 from aggregator.cache.service import Answer
-from aggregator.cache.store import CacheStore, CacheUnavailableError
+from aggregator.cache.store import CacheStore
 from aggregator.config import ParamValue, parse_config
+from aggregator.errors import CacheUnavailableError
 from aggregator.settings import Settings
 from tests.conftest import demo_stats, reset_demo
 

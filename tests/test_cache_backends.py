@@ -24,11 +24,12 @@ import httpx
 import pytest
 
 from aggregator import create_asgi_app
-from aggregator.adapter import ASGIAdapter
 from aggregator.cache import AggregateCache, parse_query
 from aggregator.cache.backends import FileSystemCache, SimpleCache
 from aggregator.cache.entries import AggregateMeta, aggregate_key, encode_aggregate, etag_for
 from aggregator.demo.process import DemoProcess
+from aggregator.engine import engine_of
+from aggregator.serving import ASGIAdapter
 from aggregator.settings import Settings
 from tests.conftest import Server, demo_stats, five_sources_config, reset_demo
 
@@ -74,7 +75,7 @@ async def serving(
 
 
 def cache_of(adapter: ASGIAdapter) -> AggregateCache:
-    return cast(AggregateCache, adapter.app.extensions["aggregator.cache"])
+    return engine_of(adapter.app).cache
 
 
 def entry_key(adapter: ASGIAdapter, query: str = QUERY) -> str:

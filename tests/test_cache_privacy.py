@@ -15,13 +15,14 @@ from flask import request
 from pydantic import SecretStr
 
 from aggregator import create_app
-from aggregator.adapter import ASGIAdapter
 from aggregator.cache import purge
 from aggregator.cache.entries import aggregate_key
 from aggregator.cache.privacy import caller_from_asgi, caller_from_headers, vary_digest
 from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess
+from aggregator.engine import engine_of
 from aggregator.errors import ConfigError
+from aggregator.serving import ASGIAdapter
 from aggregator.settings import Settings
 from tests.conftest import Server, demo_stats, reset_demo
 from tests.test_adapter import _http_scope
@@ -272,7 +273,7 @@ def test_purging_one_parameter_set_of_a_varying_aggregate_purges_it_whole(tmp_pa
     config_path = tmp_path / "c.toml"
     config_path.write_text(_tenant_toml('["X-Tenant"]') + 'params = { city = "str" }\n')
     app = create_app(Settings(config=config_path, admin_token=SecretStr("t" * 32)))
-    service = app.extensions["aggregator.cache"]
+    service = engine_of(app).cache
 
     purged = asyncio.run(purge(service, aggregate="t", params={"city": "Paris"}))
 

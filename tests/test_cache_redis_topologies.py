@@ -16,6 +16,7 @@ import redis
 from aggregator import create_app
 from aggregator.cache import AggregateCache, purge
 from aggregator.demo.process import free_port
+from aggregator.engine import engine_of
 from aggregator.settings import Settings
 from tests.conftest import demo_stats, reset_demo
 
@@ -130,7 +131,7 @@ def test_cache_works_on_sentinel_and_cluster(topology, request, demo, write_conf
         cache_local_ttl=0,  # every request reads the real backend
     )
     app = create_app(settings)
-    service: AggregateCache = app.extensions["aggregator.cache"]
+    service: AggregateCache = engine_of(app).cache
     assert service.store.is_redis  # single-flight locks across processes here too
     client = app.test_client()
     reset_demo(demo)

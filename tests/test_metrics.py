@@ -24,12 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from aggregator import cli, create_app, metrics, warm
-from aggregator.adapter import ASGIAdapter
 from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess, free_port
+from aggregator.engine import engine_of
 from aggregator.errors import ConfigError
 from aggregator.models import SourceResult
 from aggregator.resilience import BreakerState, CircuitBreaker
+from aggregator.serving import ASGIAdapter
 from aggregator.settings import Settings
 from aggregator.warm_report import PlainReporter
 from tests.conftest import ROOT, Server, wait_healthy
@@ -338,15 +339,15 @@ def test_who_may_read_the_metrics(config_path, settings, headers, status):
 def test_metrics_nobody_can_read_are_not_recorded(config_path, settings):
     settings = Settings(config=config_path, **settings)
     app = create_app(settings)
-    assert app.extensions["aggregator.metrics"] is metrics.OFF
-    assert app.extensions["aggregator.cache"].metrics is metrics.OFF
+    assert engine_of(app).metrics is metrics.OFF
+    assert engine_of(app).cache.metrics is metrics.OFF
     assert ASGIAdapter(app, settings)._timed == {}  # the adapter skips even the timer
 
 
 def test_readable_metrics_are_recorded(config_path):
     settings = Settings(config=config_path, metrics_bind="127.0.0.1:9100")
     app = create_app(settings)
-    assert isinstance(app.extensions["aggregator.metrics"], metrics.PrometheusRecorder)
+    assert isinstance(engine_of(app).metrics, metrics.PrometheusRecorder)
     assert set(ASGIAdapter(app, settings)._timed) == {"/api/five"}
 
 

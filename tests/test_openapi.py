@@ -16,6 +16,7 @@ from openapi_spec_validator import validate
 
 from aggregator import create_app
 from aggregator.config import default_config_text, parse_config
+from aggregator.engine import engine_of
 from aggregator.openapi import build_openapi
 from aggregator.settings import Settings
 
@@ -160,7 +161,7 @@ def test_docs_page_uses_only_local_assets(client):
 
 
 def test_admin_body_params_follow_the_document(app):
-    settings = Settings(config=app.extensions["aggregator.settings"].config, admin_token="t" * 32)
+    settings = Settings(config=engine_of(app).settings.config, admin_token="t" * 32)
     client = create_app(settings).test_client()
     auth = {"Authorization": "Bearer " + "t" * 32}
 

@@ -16,13 +16,13 @@ import pytest
 from openapi_spec_validator import validate
 
 from aggregator import create_app
-from aggregator.adapter import ALWAYS_ANSWERED, ASGIAdapter, _overload_answer
 from aggregator.config import load_config
 from aggregator.openapi import build_openapi
+from aggregator.routes import ALWAYS_ANSWERED, METRICS, STATUS
+from aggregator.serving import ASGIAdapter
+from aggregator.serving.answers import overload_answer
 from aggregator.settings import Settings
-from aggregator.status import STATUS_PATH
 from aggregator.upstream import shared_client
-from aggregator.views.metrics import METRICS_PATH
 from tests.conftest import demo_stats, reset_demo
 
 #: An upstream nothing calls in the unit tests (port 9: discard; never reached).
@@ -69,7 +69,7 @@ async def test_requests_over_the_limit_get_503_at_once_and_service_recovers(writ
         await _until(lambda: adapter.in_flight == 2)
 
         refused = [await client.get("/held"), await client.get("/api/idle")]
-        probes = [await client.get(p) for p in ("/healthz", "/readyz", STATUS_PATH, METRICS_PATH)]
+        probes = [await client.get(p) for p in ("/healthz", "/readyz", STATUS, METRICS)]
         head = await client.head("/held")
 
         release.set()
@@ -100,7 +100,7 @@ def test_the_503_is_in_the_openapi_document(write_config):
     config = load_config(write_config(_IDLE_CONFIG))
     document = build_openapi(config, sync_prefixes=("/sync",))
     validate(document)
-    answer = _overload_answer(Settings(max_in_flight=8))
+    answer = overload_answer(Settings(max_in_flight=8))
     for path in ("/api/idle", "/sync/api/idle"):
         response = document["paths"][path]["get"]["responses"]["503"]
         assert response["headers"]["Retry-After"]["required"] is True
@@ -131,7 +131,7 @@ async def test_zero_means_no_limit(write_config):
 
 
 def test_monitoring_paths_are_the_real_routes():
-    assert {METRICS_PATH, STATUS_PATH, "/healthz", "/readyz"} == ALWAYS_ANSWERED
+    assert {METRICS, STATUS, "/healthz", "/readyz"} == ALWAYS_ANSWERED
 
 
 def test_the_default_limit_is_sized_for_one_worker():

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from aggregator import create_app
-from aggregator.adapter import ASGIAdapter
 from aggregator.context import accept_request_id, read_request, request_id
 from aggregator.demo.process import DemoProcess, free_port
+from aggregator.serving import ASGIAdapter
 from aggregator.settings import Mode, Settings
 from tests.conftest import Server, reset_demo
 

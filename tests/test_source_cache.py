@@ -22,6 +22,7 @@ from aggregator.cache.store import CacheStore
 from aggregator.cachecontrol import parse_cache_control
 from aggregator.config import AggregateConfig, AppConfig, ParamValue, UpstreamConfig, parse_config
 from aggregator.demo.process import DemoProcess
+from aggregator.engine import engine_of
 from aggregator.engines import build_client
 from aggregator.fanout import fan_out
 from aggregator.merge import merge
@@ -574,7 +575,7 @@ def weather_cache(response: Any) -> str | None:
 
 
 def weather_key(app: Flask) -> str:
-    config: AppConfig = app.extensions["aggregator.config"]
+    config: AppConfig = engine_of(app).config
     return source_key("weather", config.upstreams["weather"].template.render(PARIS))
 
 
@@ -679,7 +680,7 @@ def test_failed_sources_are_not_cached_and_carry_no_cache_field(demo, write_conf
 def test_unreadable_source_entry_is_a_miss_and_is_refetched(demo, write_config, raw):
     client, app = stack_client(write_config, stack_config(demo.url))
     client.get("/city?city=Paris")
-    store: CacheStore = app.extensions["aggregator.source_cache"].cache_store
+    store: CacheStore = engine_of(app).sources.cache_store
     store.backend.set(weather_key(app), raw, timeout=60)
     reset_demo(demo)
 
@@ -696,7 +697,7 @@ def test_unreadable_source_entry_is_a_miss_and_is_refetched(demo, write_config, 
 @pytest.mark.parametrize("broken", ["get_many", "set"])
 def test_requests_succeed_when_the_source_cache_is_down(demo, write_config, monkeypatch, broken):
     client, app = stack_client(write_config, stack_config(demo.url))
-    store: CacheStore = app.extensions["aggregator.source_cache"].cache_store
+    store: CacheStore = engine_of(app).sources.cache_store
 
     async def down(*args: Any, **kwargs: Any) -> Any:
         raise CacheUnavailableError("down")
@@ -717,7 +718,7 @@ def test_requests_succeed_when_the_source_cache_is_down(demo, write_config, monk
 @pytest.mark.integration
 def test_purging_an_upstream_makes_its_next_call_a_miss(demo, write_config):
     client, app = stack_client(write_config, stack_config(demo.url))
-    service: AggregateCache = app.extensions["aggregator.cache"]
+    service: AggregateCache = engine_of(app).cache
     reset_demo(demo)
 
     before = [client.get("/city?city=Paris") for _ in range(2)]
@@ -732,7 +733,7 @@ def test_purging_an_upstream_makes_its_next_call_a_miss(demo, write_config):
 @pytest.mark.integration
 def test_one_get_many_per_fan_out(demo, write_config, monkeypatch):
     client, app = stack_client(write_config, stack_config(demo.url))
-    store: CacheStore = app.extensions["aggregator.source_cache"].cache_store
+    store: CacheStore = engine_of(app).sources.cache_store
     calls: list[tuple[str, ...]] = []
     real_get_many = store.get_many
 

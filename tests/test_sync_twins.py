@@ -16,13 +16,13 @@ import respx
 from flask.testing import FlaskClient
 
 from aggregator import create_app, create_asgi_app
-from aggregator.adapter import AggregatorFlask
 from aggregator.config import UpstreamConfig
 from aggregator.demo.process import DemoProcess
 from aggregator.engines import build_sync_client
+from aggregator.serving import AggregatorFlask
 from aggregator.settings import Settings
+from aggregator.twins import SyncTwins, twins_of
 from aggregator.upstream import fetch_sync
-from aggregator.views.sync import SyncTwins
 from tests.conftest import demo_stats, reset_demo
 
 QUERY = "city=Paris&user_id=7"
@@ -136,7 +136,7 @@ def twins_app(twins_path: Path) -> Iterator[AggregatorFlask]:
     app = create_app(Settings(config=twins_path, max_upstream_body=MAX_BODY))
     yield app
     # No lifespan runs under the test client: close what the twins opened ourselves.
-    app.extensions["aggregator.sync"].close()
+    twins_of(app).close()
 
 
 @pytest.fixture
@@ -334,7 +334,7 @@ def test_aggregate_deadline_marks_what_did_not_arrive(
 def test_one_sync_client_per_process_reused_across_requests_and_threads(
     twins_app: AggregatorFlask, demo: DemoProcess
 ) -> None:
-    twins: SyncTwins = twins_app.extensions["aggregator.sync"]
+    twins: SyncTwins = twins_of(twins_app)
     barrier = threading.Barrier(8)
 
     def race() -> httpx.Client:
@@ -379,7 +379,7 @@ def test_sync_client_keeps_no_cookies(respx_mock: respx.MockRouter) -> None:
 @pytest.mark.integration
 async def test_lifespan_closes_the_sync_client(twins_path: Path) -> None:
     adapter = create_asgi_app(Settings(config=twins_path))
-    twins: SyncTwins = adapter.app.extensions["aggregator.sync"]
+    twins: SyncTwins = twins_of(adapter.app)
     async with adapter.lifespan():
         transport = httpx.ASGITransport(app=adapter)  # type: ignore[arg-type]  # hypercorn's types
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:

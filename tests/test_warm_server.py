@@ -9,10 +9,9 @@ from typing import Any
 import pytest
 
 from aggregator import create_app
-from aggregator.adapter import AggregatorFlask
-from aggregator.cache.store import CacheUnavailableError
 from aggregator.config import parse_config
-from aggregator.errors import ConfigError
+from aggregator.errors import CacheUnavailableError, ConfigError
+from aggregator.serving import AggregatorFlask
 from aggregator.settings import Settings
 from tests.conftest import five_sources_config
 from tests.test_cache import P, headers, make_cache

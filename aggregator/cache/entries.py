@@ -1,10 +1,10 @@
 """Cache keys, TTL arithmetic and the stored format: the only place that knows them.
 
 An aggregate entry is two JSON documents on two lines: a small meta record (when stored, TTLs,
-status, ETag) and the response body exactly as served, so a hit sends stored bytes without
-re-encoding them. Entries are re-validated on the way out: the meta through its model, the body
-against the ETag digest recorded with it and through the envelope model; anything else is a
-miss, never an error.
+status, ETag, failed sources) and the response body exactly as served, so a hit sends stored
+bytes without re-encoding them. Entries are re-validated on the way out: the meta through its
+model, the body against the ETag digest recorded with it and through the envelope model;
+anything else is a miss, never an error.
 
 An aggregate's key may end in a digest of header values (`privacy`): those of its `cache_vary`
 and of every client header one of its sources forwards (`forward_headers`: the answer may depend
@@ -46,6 +46,8 @@ class AggregateMeta(BaseModel):
     complete: bool
     etag: str
     timing: str = ""
+    #: Sources in the body's `errors`, so a warm reports them without decoding the body.
+    failed: tuple[str, ...] = ()
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.stored)

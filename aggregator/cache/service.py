@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
-import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 from urllib.parse import parse_qs
 
 from aggregator.cache.entries import (
@@ -46,10 +46,10 @@ from aggregator.cache.entries import (
     lock_key,
 )
 from aggregator.cache.privacy import ANONYMOUS, Caller, caller_from_asgi
-from aggregator.cache.store import CacheStore, CacheUnavailableError
+from aggregator.cache.store import CacheStore
 from aggregator.config import AppConfig, ParamValue
 from aggregator.context import request_id
-from aggregator.errors import InvalidRequestError
+from aggregator.errors import CacheUnavailableError, InvalidRequestError
 from aggregator.metrics import OFF, Recorder
 from aggregator.settings import Settings
 
@@ -68,6 +68,7 @@ class Filled:
     body: bytes
     complete: bool
     timing: str
+    failed: tuple[str, ...] = ()  # sources in the envelope's `errors`, sorted
     entry: AggregateEntry | None = None  # set when the answer came from another process
     stored: bool = False  # set when this fill's answer was written to the cache
     cache_ms: float = 0.0  # cache I/O of this fill (lock, re-check, store), for Server-Timing
@@ -83,7 +84,10 @@ class WarmResult:
     detail: str = ""
 
 
-FillFn = Callable[[str, Mapping[str, ParamValue]], Awaitable[Filled]]
+class Fill(Protocol):
+    """What the cache calls to fill a key: one fan-out (`aggregator.aggregate.AggregateFill`)."""
+
+    def __call__(self, name: str, params: Mapping[str, ParamValue]) -> Awaitable[Filled]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,7 @@ class Lookup:
     state: State
     entry: AggregateEntry | None = None
     vary: str = ""  # the key's header digest (privacy.Caller.vary)
+    caller: Caller = ANONYMOUS  # what the request's headers say (its vary is `vary`)
     #: perf_counter() when the request's handling began, and ms the lookup took (Server-Timing).
     started: float = 0.0
     ms: float = 0.0
@@ -107,17 +112,16 @@ class Answer:
     body: bytes
 
 
+#: The fast path's lookup for the request being served, set by the adapter before Flask runs
+#: (the request's context reaches the view), so the view neither parses nor looks up again.
+looked_up: contextvars.ContextVar[Lookup | None] = contextvars.ContextVar(
+    "aggregator_looked_up", default=None
+)
+
+
 def parse_query(query_string: str) -> dict[str, list[str]]:
     """The one query parser for both the fast path and the view, so both build the same key."""
     return parse_qs(query_string, keep_blank_values=True)
-
-
-def _failed_sources(body: bytes) -> list[str]:
-    try:
-        errors = json.loads(body).get("errors", {})
-    except (ValueError, AttributeError):
-        return []
-    return sorted(errors) if isinstance(errors, dict) else []
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
@@ -136,7 +140,7 @@ class AggregateCache:
         store: CacheStore,
         config: AppConfig,
         settings: Settings,
-        fill: FillFn,
+        fill: Fill,
         *,
         clock: Callable[[], float] = time.time,
         metrics: Recorder = OFF,
@@ -190,12 +194,23 @@ class AggregateCache:
         *,
         started: float | None = None,
         vary: str = "",
+        caller: Caller | None = None,
     ) -> Lookup:
-        """What the cache holds for the key, timed; `started` is when the request began."""
+        """What the cache holds for the key, timed; `started` is when the request began.
+
+        `caller` (whose digest then is the key's `vary`) travels with the lookup to the view.
+        """
         begun = time.perf_counter()
+        if caller is not None:
+            vary = caller.vary
         found = await self._lookup(name, params, vary)
         ms = (time.perf_counter() - begun) * 1000
-        return dataclasses.replace(found, started=begun if started is None else started, ms=ms)
+        return dataclasses.replace(
+            found,
+            started=begun if started is None else started,
+            ms=ms,
+            caller=caller if caller is not None else ANONYMOUS,
+        )
 
     async def _lookup(self, name: str, params: Mapping[str, ParamValue], vary: str) -> Lookup:
         if not self.caches(name):
@@ -262,7 +277,7 @@ class AggregateCache:
             params = self.config.aggregates[name].parse_params(parse_query(query_string))
         except InvalidRequestError:
             return None, None  # Flask renders the 400
-        lookup = await self.lookup(name, params, started=started, vary=caller.vary)
+        lookup = await self.lookup(name, params, started=started, caller=caller)
         if lookup.state == "fresh" and lookup.entry is not None:
             return self._from_entry(lookup.entry, "HIT", caller, lookup), None
         return None, lookup
@@ -282,7 +297,7 @@ class AggregateCache:
             return await self._answer_privately(name, params, caller)
         vary = caller.vary
         if lookup is None or (lookup.name, lookup.params, lookup.vary) != (name, params, vary):
-            lookup = await self.lookup(name, params, vary=vary)
+            lookup = await self.lookup(name, params, caller=caller)
         if lookup.state == "fresh" and lookup.entry is not None:
             return self._from_entry(lookup.entry, "HIT", caller, lookup)
         if lookup.state == "stale" and lookup.entry is not None:
@@ -397,7 +412,7 @@ class AggregateCache:
         if not self.store.available:
             return WarmResult("failed", detail="the cache backend is unreachable")
         filled = await asyncio.shield(self._task_for(name, params, force=True))
-        failed = tuple(_failed_sources(filled.body))
+        failed = filled.failed
         if filled.entry is not None:  # another process's fresh fill, waited for
             return WarmResult(
                 "warmed" if filled.complete else "partial",
@@ -512,7 +527,7 @@ class AggregateCache:
             newer_than = started if force else 0.0
             entry = await self._await_entry(name, params, vary, agg.deadline + 1.0, newer_than)
             if entry is not None:
-                return Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry), 0.0
+                return _filled_from(entry), 0.0
         try:
             if token is not None and not force:
                 # The requester's lookup missed, but a fill that ended since may have stored the
@@ -523,7 +538,7 @@ class AggregateCache:
                     again = await self.lookup(name, params, vary=vary)
                     entry = again.entry if again.state == "fresh" else None
                 if entry is not None:
-                    filled = Filled(entry.meta.status, entry.body, entry.meta.complete, "", entry)
+                    filled = _filled_from(entry)
                     return filled, 0.0
             fill_started = time.perf_counter()
             filled = await self._fill_fn(name, params)
@@ -570,6 +585,7 @@ class AggregateCache:
             complete=filled.complete,
             etag=etag_for(filled.body),
             timing=filled.timing,
+            failed=filled.failed,
         )
         try:
             await self.store.set(key, encode_aggregate(meta, filled.body), meta.backend_timeout())
@@ -577,6 +593,12 @@ class AggregateCache:
             return False
         self._remember(key, AggregateEntry(meta, filled.body))
         return True
+
+
+def _filled_from(entry: AggregateEntry) -> Filled:
+    """Another fill's stored answer (this process's or another's), as a fill result."""
+    meta = entry.meta
+    return Filled(meta.status, entry.body, meta.complete, "", meta.failed, entry)
 
 
 def _server_timing(cache_state: str, lookup: Lookup, filled: Filled | None) -> str:

@@ -31,9 +31,10 @@ from pydantic import ValidationError
 
 from aggregator.cache.entries import SourceEntry, decode_marker, source_key, source_marker
 from aggregator.cache.privacy import vary_digest
-from aggregator.cache.store import CacheStore, CacheUnavailableError
+from aggregator.cache.store import CacheStore
 from aggregator.config import AggregateConfig, AppConfig, ParamValue, UpstreamConfig
 from aggregator.context import forwarded
+from aggregator.errors import CacheUnavailableError
 from aggregator.models import CacheControl, SourceResult
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from flask_caching import Cache
 from flask_caching import backends as flask_caching_backends
 
 from aggregator.cache import backends
-from aggregator.errors import AggregatorError
+from aggregator.errors import CacheUnavailableError
 from aggregator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,10 +38,6 @@ _UNLOCK = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
-
-
-class CacheUnavailableError(AggregatorError):
-    """The cache backend failed or is cooling down after a failure; serve uncached."""
 
 
 class CacheStore:

@@ -8,8 +8,8 @@ Parameters are typed, validated and defaulted exactly as a live request's query 
 or the JSON scalar of its declared type (`7.0` is the integer 7 to JSON), anything else is a
 400, as `/openapi.json` documents.
 The token (AGGREGATOR_ADMIN_TOKEN) never appears in a log line or a response, nor is it (or any
-other header of an admin request) forwarded upstream by a warm. `check_target` is shared with
-`aggregator cache purge`.
+other header of an admin request) forwarded upstream by a warm. Targets are checked as
+`aggregator cache purge` checks them (`cache.check_target`).
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
-from aggregator.cache import AggregateCache, CacheUnavailableError, purge
-from aggregator.config import AggregateConfig, AppConfig, ParamType, ParamValue
+from aggregator.cache import check_target, purge
+from aggregator.config import AggregateConfig, ParamType, ParamValue
 from aggregator.context import NO_HEADERS, forwarded
-from aggregator.errors import InvalidRequestError, UnknownTargetError
-from aggregator.settings import Settings
+from aggregator.engine import current_engine
+from aggregator.errors import CacheUnavailableError, InvalidRequestError
+from aggregator.routes import ADMIN_PREFIX
 from aggregator.views.errors import error_response
 
 logger = logging.getLogger(__name__)
 
-bp = Blueprint("admin", __name__, url_prefix="/admin")
+bp = Blueprint("admin", __name__, url_prefix=ADMIN_PREFIX)
 
 _BODY_KEYS = ("aggregate", "params", "upstream")
 
@@ -42,25 +43,14 @@ def _forward_nothing() -> None:
     forwarded.set(NO_HEADERS)
 
 
-def check_target(config: AppConfig, aggregate: str | None, upstream: str | None) -> None:
-    """Raise UnknownTargetError naming the field when a name is not configured."""
-    for field, name, known in (
-        ("aggregate", aggregate, config.aggregates),
-        ("upstream", upstream, config.upstreams),
-    ):
-        if name is not None and name not in known:
-            names = ", ".join(sorted(known)) or "none"
-            raise UnknownTargetError(field, f"unknown {field} {name!r} (known: {names})")
-
-
 @bp.post("/purge")
 async def purge_cache() -> Response:
     """Purge one entry, one aggregate, or an upstream and every aggregate built from it."""
     denied = check_token()
     if denied is not None:
         return denied
-    config: AppConfig = current_app.extensions["aggregator.config"]
-    service: AggregateCache = current_app.extensions["aggregator.cache"]
+    engine = current_engine()
+    config, service = engine.config, engine.cache
     aggregate, raw_params, upstream = _parse_body(request.get_json(force=True, silent=True))
     check_target(config, aggregate, upstream)
     params = None
@@ -87,9 +77,8 @@ async def warm_entry() -> Response:
     denied = check_token()
     if denied is not None:
         return denied
-    config: AppConfig = current_app.extensions["aggregator.config"]
-    settings: Settings = current_app.extensions["aggregator.settings"]
-    service: AggregateCache = current_app.extensions["aggregator.cache"]
+    engine = current_engine()
+    config, settings, service = engine.config, engine.settings, engine.cache
     body = request.get_json(force=True, silent=True)
     if not isinstance(body, dict):
         raise InvalidRequestError(
@@ -173,7 +162,7 @@ def check_token() -> Response | None:
     carries, as `/metrics` answers then (no credential can help, so no `WWW-Authenticate`
     challenge either); the body says why, without a `field` (an unknown name's 404 has one).
     """
-    settings: Settings = current_app.extensions["aggregator.settings"]
+    settings = current_engine().settings
     secret = settings.admin_token.get_secret_value() if settings.admin_token else ""
     if not secret:  # an empty token would let `Authorization: Bearer ` in
         logger.warning("admin request refused (endpoints disabled) from %s", request.remote_addr)

@@ -12,31 +12,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flask import Blueprint, Flask, Response, current_app, render_template, request
+from flask import Blueprint, Flask, Response, render_template, request
 
-from aggregator.status import DASHBOARD_CSP, DASHBOARD_PATH, SCOPE_NOTE
+from aggregator.models import JSONDict
+from aggregator.routes import DASHBOARD, STATIC_PREFIX
+from aggregator.status import DASHBOARD_CSP, SCOPE_NOTE
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
-bp = Blueprint("dashboard", __name__, static_folder=STATIC_DIR, static_url_path="/static")
+
+def register(app: Flask, aggregates: list[JSONDict], *, enabled: bool) -> None:
+    """Attach the page and its assets when enabled; otherwise `/` and `/static/` are 404s.
+
+    `aggregates` (`status.aggregates_meta`) never changes, so it is built once.
+    """
+    if not enabled:
+        return
+    bp = Blueprint("dashboard", __name__, static_folder=STATIC_DIR, static_url_path=STATIC_PREFIX)
+
+    @bp.get(DASHBOARD)
+    def page() -> Response:
+        """The page; the script reads the aggregates from its `aggregator-meta` data block."""
+        meta = {"root": request.script_root, "aggregates": aggregates, "scope_note": SCOPE_NOTE}
+        return _page(meta)
+
+    # Jinja's `tojson` sorts keys by default; the form shows parameters in config order.
+    app.jinja_env.policies["json.dumps_kwargs"] = {"sort_keys": False}
+    app.register_blueprint(bp)
 
 
-def register(app: Flask, *, enabled: bool) -> None:
-    """Attach the page and its assets when enabled; otherwise `/` and `/static/` are 404s."""
-    if enabled:
-        # Jinja's `tojson` sorts keys by default; the form shows parameters in config order.
-        app.jinja_env.policies["json.dumps_kwargs"] = {"sort_keys": False}
-        app.register_blueprint(bp)
-
-
-@bp.get(DASHBOARD_PATH)
-def page() -> Response:
-    """The page; the script reads the aggregates from its `aggregator-meta` data block."""
-    meta = {
-        "root": request.script_root,
-        "aggregates": current_app.extensions["aggregator.aggregates_meta"],
-        "scope_note": SCOPE_NOTE,
-    }
+def _page(meta: JSONDict) -> Response:
     response = Response(render_template("dashboard.html", meta=meta), mimetype="text/html")
     response.headers["Content-Security-Policy"] = DASHBOARD_CSP
     response.headers["X-Content-Type-Options"] = "nosniff"

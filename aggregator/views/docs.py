@@ -8,37 +8,32 @@ document to an outside service, is turned off.
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, Response, current_app
+from flask import Blueprint, Flask, Response
 from flask_swagger_ui import get_swaggerui_blueprint  # type: ignore[import-untyped]
 
 from aggregator.config import AppConfig
 from aggregator.openapi import build_openapi
-from aggregator.views.sync import POOL_PREFIX, SEQUENTIAL_PREFIX
-
-DOCS_PATH = "/docs"
-OPENAPI_PATH = "/openapi.json"
-
-bp = Blueprint("docs", __name__)
+from aggregator.routes import DOCS, OPENAPI, SYNC_POOL_PREFIX, SYNC_PREFIX
 
 
 def register(app: Flask, config: AppConfig, *, dashboard: bool) -> None:
     """Build the document once (the config is read once) and attach both routes."""
     document = build_openapi(
-        config, sync_prefixes=(SEQUENTIAL_PREFIX, POOL_PREFIX), dashboard=dashboard
+        config, sync_prefixes=(SYNC_PREFIX, SYNC_POOL_PREFIX), dashboard=dashboard
     )
-    app.extensions["aggregator.openapi"] = app.json.dumps(document).encode()
+    body = app.json.dumps(document).encode()
+    bp = Blueprint("docs", __name__)
+
+    @bp.get(OPENAPI)
+    def openapi() -> Response:
+        """The OpenAPI 3.1 document of this deployment's aggregates, admin and health routes."""
+        return Response(body, mimetype="application/json")
+
     app.register_blueprint(bp)
     ui = get_swaggerui_blueprint(
-        DOCS_PATH,
-        OPENAPI_PATH,
+        DOCS,
+        OPENAPI,
         config={"app_name": "aggregator API", "validatorUrl": None},
         blueprint_name="swagger_ui",
     )
     app.register_blueprint(ui)
-
-
-@bp.get(OPENAPI_PATH)
-def openapi() -> Response:
-    """The OpenAPI 3.1 document of this deployment's aggregates, admin and health routes."""
-    body: bytes = current_app.extensions["aggregator.openapi"]
-    return Response(body, mimetype="application/json")

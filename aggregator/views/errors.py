@@ -9,17 +9,15 @@ import logging
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException, InternalServerError
-from werkzeug.http import HTTP_STATUS_CODES
 
-from aggregator.errors import InvalidRequestError
+from aggregator.errors import InvalidRequestError, error_body
 
 logger = logging.getLogger(__name__)
 
 
 def error_response(status: int, message: str, **fields: object) -> Response:
-    """The one error body every handler renders."""
-    body = {"error": HTTP_STATUS_CODES.get(status, "Error"), "message": message, **fields}
-    response = jsonify(body)
+    """The one error body (`errors.error_body`) as a Flask response."""
+    response = jsonify(error_body(status, message, **fields))
     response.status_code = status
     return response
 

@@ -13,12 +13,12 @@ would multiply their load.
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
-from aggregator.cache import AggregateCache, CacheUnavailableError
-from aggregator.config import AppConfig
+from aggregator.engine import current_engine
 from aggregator.engines import pool_usage
-from aggregator.settings import Settings
+from aggregator.errors import CacheUnavailableError
+from aggregator.routes import HEALTHZ, READYZ
 from aggregator.upstream import shared_client
 from aggregator.views.errors import error_response
 
@@ -28,13 +28,13 @@ bp = Blueprint("health", __name__)
 _Check = tuple[bool, str]
 
 
-@bp.get("/healthz")
+@bp.get(HEALTHZ)
 def healthz() -> dict[str, str]:
     """Answer without touching upstreams, so a slow upstream never marks us unhealthy."""
     return {"status": "ok"}
 
 
-@bp.get("/readyz")
+@bp.get(READYZ)
 async def readyz() -> Response:
     """200 when config, client and cache are usable; 503 naming each failed part and why."""
     checks = {"config": _check_config(), "client": _check_client(), "cache": await _check_cache()}
@@ -50,10 +50,8 @@ async def readyz() -> Response:
 
 
 def _check_config() -> _Check:
-    config = current_app.extensions.get("aggregator.config")
-    if not isinstance(config, AppConfig):
-        return False, "no config was loaded"
-    settings: Settings = current_app.extensions["aggregator.settings"]
+    engine = current_engine()
+    config, settings = engine.config, engine.settings
     source = str(settings.config) if settings.config else "the bundled demo config"
     return (
         True,
@@ -76,10 +74,7 @@ def _check_client() -> _Check:
 
 
 async def _check_cache() -> _Check:
-    service: AggregateCache | None = current_app.extensions.get("aggregator.cache")
-    if service is None:
-        return False, "not configured"
     try:
-        return True, await service.store.ping()
+        return True, await current_engine().store.ping()
     except CacheUnavailableError as exc:
         return False, f"backend unreachable: {exc}"

@@ -9,22 +9,21 @@ files, blocking I/O that belongs in the view pool, not on the event loop.
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 
 from aggregator import metrics
-from aggregator.settings import Settings
+from aggregator.engine import current_engine
+from aggregator.routes import METRICS
 from aggregator.views.admin import check_token
 from aggregator.views.errors import error_response
-
-METRICS_PATH = "/metrics"
 
 bp = Blueprint("metrics", __name__)
 
 
-@bp.get(METRICS_PATH)
+@bp.get(METRICS)
 def scrape() -> Response:
     """Every metric of this deployment (all workers) in Prometheus text format."""
-    settings: Settings = current_app.extensions["aggregator.settings"]
+    settings = current_engine().settings
     if settings.metrics == "off" or (settings.metrics == "token" and not settings.admin_secret()):
         return error_response(
             404,

@@ -8,26 +8,24 @@ from __future__ import annotations
 
 import os
 
-from flask import Blueprint, Flask, Response, current_app, jsonify
+from flask import Blueprint, Flask, Response, jsonify
 
-from aggregator.config import AppConfig
-from aggregator.resilience import Guards
-from aggregator.status import STATUS_PATH, aggregates_meta, worker_status
+from aggregator.engine import Engine
+from aggregator.models import JSONDict
+from aggregator.routes import STATUS
+from aggregator.status import worker_status
 
-bp = Blueprint("status", __name__)
 
+def register(app: Flask, engine: Engine, meta: list[JSONDict]) -> None:
+    """Attach the route; `meta` (the aggregates' part) never changes, so it is built once."""
+    bp = Blueprint("status", __name__)
 
-def register(app: Flask, config: AppConfig) -> None:
-    """Attach the route; the aggregates' part never changes, so it is built once."""
-    app.extensions["aggregator.aggregates_meta"] = aggregates_meta(config)
+    @bp.get(STATUS)
+    def status() -> Response:
+        """The answering worker's state; the pid tells workers apart (each has its own
+        breakers)."""
+        response = jsonify(worker_status(engine.guards, meta, os.getpid()))
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
     app.register_blueprint(bp)
-
-
-@bp.get(STATUS_PATH)
-def status() -> Response:
-    """The answering worker's state; the pid tells workers apart (each has its own breakers)."""
-    guards: Guards = current_app.extensions["aggregator.guards"]
-    meta = current_app.extensions["aggregator.aggregates_meta"]
-    response = jsonify(worker_status(guards, meta, os.getpid()))
-    response.headers["Cache-Control"] = "no-store"
-    return response

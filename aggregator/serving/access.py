@@ -1,0 +1,76 @@
+"""Per-request bookkeeping around every response: `X-Request-ID` and the one access line.
+
+The request's `send` is wrapped once, so every response sent for it, whoever sends it (the fast
+path, Flask, a 413/408/431 refusal, the stock adapter), carries `X-Request-ID`; when the request
+is done, one INFO line goes to `aggregator.access` (Hypercorn's own access log is off: ours
+knows the id and the cache state). With INFO disabled that costs one `isEnabledFor` check.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from hypercorn.typing import ASGISendCallable, ASGISendEvent, HTTPScope
+
+access_logger = logging.getLogger("aggregator.access")
+
+
+class Stamped:
+    """The request's `send`, adding `X-Request-ID` to the response and noting what was sent."""
+
+    __slots__ = ("_send", "_rid", "status", "headers", "size")
+
+    def __init__(self, send: ASGISendCallable, rid: bytes) -> None:
+        self._send = send
+        self._rid = rid
+        self.status = 0  # none sent yet
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.size = 0
+
+    async def __call__(self, message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.body":
+            self.size += len(message.get("body", b""))
+        elif message["type"] == "http.response.start":
+            self.status = message["status"]
+            headers = message.get("headers", ())
+            if type(headers) is list:  # ours, the refusals' and asgiref's: built per response
+                headers.append((b"x-request-id", self._rid))
+            else:
+                headers = [*headers, (b"x-request-id", self._rid)]
+                message = {**message, "headers": headers}
+            self.headers = headers
+        await self._send(message)
+
+
+def log_access(scope: HTTPScope, status: int, sent: Stamped, started: float) -> None:
+    """The request's one INFO line. The path is logged as sent (percent-encoded), so a decoded
+    control character can never forge a log line."""
+    ms = round((time.perf_counter() - started) * 1000, 1)
+    raw_path = scope.get("raw_path")
+    path = raw_path.decode("latin-1") if raw_path else quote(scope["path"])
+    if scope["query_string"]:
+        path = f"{path}?{scope['query_string'].decode('latin-1')}"
+    cache = next((v.decode("latin-1") for k, v in sent.headers if k == b"x-cache"), "-")
+    client = scope.get("client")
+    access_logger.info(
+        "%s %s %d %d B %.1f ms cache=%s",
+        scope["method"],
+        path,
+        status,
+        sent.size,
+        ms,
+        cache,
+        extra={
+            "method": scope["method"],
+            "path": path,
+            "status": status,
+            "bytes": sent.size,
+            "ms": ms,
+            "cache": cache,
+            "client": client[0] if client else None,
+        },
+    )
