@@ -63,7 +63,8 @@ class Upstream:
                 "complete": self.complete and self.status == 200,
             }
         ).encode()
-        return Filled(self.status, body, self.complete and self.status == 200, "a;dur=1")
+        failed = () if self.status == 200 else ("a",)  # the sources in the body's `errors`
+        return Filled(self.status, body, self.complete and self.status == 200, "a;dur=1", failed)
 
 
 def make_cache(
