@@ -1,69 +1,37 @@
 """aggregator: one Flask endpoint that fans out to many slow upstreams concurrently.
 
-The composition root: `create_app` builds the engine (`aggregator.engine`) and registers the
-blueprints that read it; `create_asgi_app` wraps the app in the adapter Hypercorn serves.
+The app factories live in `aggregator.app`; they are loaded on first use, so that importing a
+light part of the package (the `status` command, the metrics listener, the engine) does not
+import Flask and every blueprint with it.
 """
 
 from __future__ import annotations
 
-import sys
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+if TYPE_CHECKING:
+    from aggregator.app import create_app, create_asgi_app, create_asgi_app_or_exit
+    from aggregator.engine import Engine
+    from aggregator.settings import Settings
 
-from aggregator import engine as engine_module
-from aggregator import twins
-from aggregator.config import AppConfig, load_config
-from aggregator.engine import Engine
-from aggregator.errors import ConfigError
-from aggregator.serving import AggregatorFlask, ASGIAdapter
-from aggregator.settings import Settings
-from aggregator.status import aggregates_meta
-from aggregator.views import admin, aggregates, dashboard, docs, errors, health, status
-from aggregator.views import metrics as metrics_view
-
-
-def create_app(
-    settings: Settings | None = None, config: AppConfig | None = None
-) -> AggregatorFlask:
-    """Build the Flask app; settings and config are read once here (tests pass their own)."""
-    settings = settings or Settings()
-    config = config or load_config(settings.config)
-    # No app-wide static route: the dashboard serves its own assets, only when it is enabled.
-    app = AggregatorFlask(__name__, view_threads=settings.threads, static_folder=None)
-    # Flask turns debug on from FLASK_DEBUG in the environment; a served app never runs with it
-    # (it is for `flask run`'s reloader and debugger), whatever the operator's shell exports.
-    app.debug = False
-    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep config order of sources
-    engine = Engine.build(settings, config, app=app)
-    engine_module.init_app(app, engine)
-    errors.init_app(app)
-    app.register_blueprint(health.bp)
-    app.register_blueprint(metrics_view.bp)
-    app.register_blueprint(admin.bp)
-    aggregates.register(app, config)
-    twins.register(app, engine)
-    docs.register(app, config, dashboard=settings.dashboard)
-    meta = aggregates_meta(config)
-    status.register(app, engine, meta)
-    dashboard.register(app, meta, enabled=settings.dashboard)
-    return app
+#: Public name -> the module that defines it.
+_LAZY = {
+    "create_app": "aggregator.app",
+    "create_asgi_app": "aggregator.app",
+    "create_asgi_app_or_exit": "aggregator.app",
+    "Engine": "aggregator.engine",
+    "Settings": "aggregator.settings",
+}
 
 
-def create_asgi_app(
-    settings: Settings | None = None, config: AppConfig | None = None
-) -> ASGIAdapter:
-    """The ASGI application Hypercorn serves."""
-    settings = settings or Settings()
-    return ASGIAdapter(create_app(settings, config), settings)
-
-
-def create_asgi_app_or_exit() -> ASGIAdapter:
-    """For server entry points: a bad config stops start-up with its message, not a traceback."""
-    try:
-        return create_asgi_app()
-    except (ConfigError, ValidationError) as exc:
-        print(f"aggregator: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aggregator' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups do not come back here
+    return value
 
 
 __all__ = ["Engine", "Settings", "create_app", "create_asgi_app", "create_asgi_app_or_exit"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from aggregator.cache.service import Filled
+from aggregator.cache.results import Filled
 from aggregator.cache.sources import SourceCache
 from aggregator.config import AppConfig, ParamValue
 from aggregator.fanout import fan_out

@@ -11,8 +11,8 @@ hit records its request, latency, cache result and in-flight count with a few di
 
 Several workers: prometheus_client's multiprocess mode, which it chooses when it is imported
 from `PROMETHEUS_MULTIPROC_DIR` (so the variable must be set before a worker starts;
-`aggregator serve` manages a private directory, see `metrics_server`). Each worker writes its own
-mmap files and any worker's `/metrics` merges them all: counters and histograms are summed,
+`aggregator serve` manages a private directory, see `ops.metrics_server`). Each worker writes
+its own mmap files and any worker's `/metrics` merges them all: counters and histograms are summed,
 in-flight is `livesum`, circuit state `livemax` (each worker has its own breakers; the gauge
 shows the worst one among live workers). Hypercorn has no worker-exit hook, so a worker marks
 itself dead at lifespan shutdown (its live gauges leave the merge); a worker that dies without

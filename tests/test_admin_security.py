@@ -13,9 +13,10 @@ import pytest
 from hypercorn.config import Config
 from pydantic import SecretStr
 
-from aggregator import cli, create_app, create_asgi_app
+from aggregator import create_app, create_asgi_app
 from aggregator.cache import backends
 from aggregator.engine import engine_of
+from aggregator.ops import serve as ops_serve
 from aggregator.settings import CacheType, Engine, Mode, Settings
 from aggregator.views import admin
 from tests.conftest import ROOT
@@ -152,7 +153,7 @@ def test_entry_points_build_apps_without_debug(config_path, monkeypatch):
     monkeypatch.setenv("FLASK_DEBUG", "1")
     monkeypatch.setenv("AGGREGATOR_CONFIG", str(config_path))
 
-    assert cli.worker_app().app.debug is False  # what `aggregator serve`'s workers build
+    assert ops_serve.worker_app().app.debug is False  # what `aggregator serve`'s workers build
 
 
 def test_shipped_server_configs_turn_no_debug_on():

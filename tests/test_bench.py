@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from aggregator import cli
 from aggregator.bench import plan, report
 from aggregator.bench.load import run_load
 from aggregator.bench.loadgen import NotLoopbackError, check_loopback, generate, percentile
@@ -23,6 +22,7 @@ from aggregator.bench.runner import BenchResult, Options, Run
 from aggregator.bench.servers import passed_settings, server_command, server_env
 from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess, free_port
+from aggregator.ops import cli
 
 needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 
@@ -91,7 +91,7 @@ def test_impossible_targets_are_refused_with_the_reason(spec, reason):
 
 def test_event_loop_flags_reach_the_server_command():
     hyper = server_command(parse_target("loop:async+asyncio"), 9000, 8)
-    assert "--worker-class=asyncio" in hyper and "aggregator.cli:worker_app()" in hyper
+    assert "--worker-class=asyncio" in hyper and "aggregator.ops.serve:worker_app()" in hyper
     default = server_command(parse_target("loop:async"), 9000, 8)
     assert "--worker-class=uvloop" in default  # as hypercorn.toml ships (uvloop installed)
     uvicorn = server_command(parse_target("fastapi:async+asyncio"), 9000, 8)
@@ -398,7 +398,7 @@ def test_an_explicit_target_whose_server_is_missing_names_the_extra(runner, monk
 
 def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "aggregator.cli", "bench", *args],
+        [sys.executable, "-m", "aggregator", "bench", *args],
         capture_output=True,
         text=True,
         timeout=300,

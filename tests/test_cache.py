@@ -15,7 +15,7 @@ from aggregator import create_app, create_asgi_app
 from aggregator.cache import AggregateCache, Caller, Filled, purge
 from aggregator.cache.backends import build_cache
 from aggregator.cache.entries import aggregate_key, canonical_params
-from aggregator.cache.service import Answer
+from aggregator.cache.headers import Answer
 from aggregator.cache.store import CacheStore
 from aggregator.config import ParamValue, parse_config
 from aggregator.errors import CacheUnavailableError

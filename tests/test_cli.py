@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from aggregator import cli
 from aggregator.demo.knobs import Knobs
+from aggregator.ops import cli
+from aggregator.ops import serve as ops_serve
 
 
 def test_demo_command_passes_its_knobs(runner, monkeypatch):
@@ -38,14 +39,14 @@ def test_serve_overrides_only_the_flags_given(runner, monkeypatch, config_path, 
         seen.update(overrides)
         return 0
 
-    monkeypatch.setattr(cli, "run_server", fake_run_server)
+    monkeypatch.setattr("aggregator.ops.serve.run_server", fake_run_server)
     result = runner.invoke(cli.main, ["serve", "--config", str(config_path), *args])
     assert result.exit_code == 0, result.output
     assert seen == expected
 
 
 def test_serve_exports_settings_for_the_worker_processes(runner, monkeypatch, config_path):
-    monkeypatch.setattr(cli, "run_server", lambda *_: 0)
+    monkeypatch.setattr("aggregator.ops.serve.run_server", lambda *_: 0)
     result = runner.invoke(
         cli.main, ["serve", "--config", str(config_path), "--mode", "threads", "--engine", "httpx"]
     )
@@ -66,11 +67,11 @@ def test_run_server_applies_overrides_to_the_hypercorn_file(monkeypatch, tmp_pat
         return 0
 
     monkeypatch.setattr("hypercorn.run.run", fake_run)
-    assert cli.run_server(toml, {"bind": None, "workers": 4}) == 0
+    assert ops_serve.run_server(toml, {"bind": None, "workers": 4}) == 0
     (config,) = seen
     assert config.bind == ["127.0.0.1:7000"]  # not given: the file's value
     assert config.workers == 4  # given: the flag wins
-    assert config.application_path == "aggregator.cli:worker_app()"
+    assert config.application_path == "aggregator.ops.serve:worker_app()"
     assert os.environ["AGGREGATOR_WORKERS"] == "4"  # the workers' settings see the count
 
 
@@ -90,7 +91,7 @@ def test_run_server_says_where_the_dashboard_is(
     monkeypatch.setattr("hypercorn.run.run", lambda config: 0)
     toml = tmp_path / "h.toml"
     toml.write_text(f'bind = ["{bind}"]\n')
-    assert cli.run_server(toml, {"bind": None, "workers": None}) == 0
+    assert ops_serve.run_server(toml, {"bind": None, "workers": None}) == 0
     dashboard_lines = [x for x in capsys.readouterr().out.splitlines() if "dashboard" in x]
     assert dashboard_lines == ([line] if line else [])
 
@@ -99,4 +100,4 @@ def test_run_server_refuses_a_per_process_cache_with_several_workers(monkeypatch
     monkeypatch.setattr("hypercorn.run.run", lambda config: pytest.fail("must not start"))
     toml = tmp_path / "h.toml"
     toml.write_text("workers = 2\n")
-    assert cli.run_server(toml, {"bind": None, "workers": None}) == 1
+    assert ops_serve.run_server(toml, {"bind": None, "workers": None}) == 1

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 from pydantic import BaseModel
 
-from aggregator.cli import main
 from aggregator.config import AggregateConfig, load_config, parse_config
 from aggregator.errors import ConfigError, InvalidRequestError
+from aggregator.ops.cli import main
 
 WriteConfig = Callable[[str], Path]
 

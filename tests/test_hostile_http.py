@@ -22,8 +22,8 @@ import psutil
 import pytest
 from hypercorn.config import Config
 
-from aggregator import cli
 from aggregator.demo.process import DemoProcess
+from aggregator.ops import serve as ops_serve
 from tests.conftest import (
     ROOT,
     Server,
@@ -389,9 +389,9 @@ def test_hypercorn_toml_and_serve_without_it_set_the_same_limits(monkeypatch, tm
 
     monkeypatch.setattr("hypercorn.run.run", fake_run)
 
-    assert cli.run_server(tmp_path / "absent.toml", {"bind": None, "workers": None}) == 0
+    assert ops_serve.run_server(tmp_path / "absent.toml", {"bind": None, "workers": None}) == 0
 
     (config,) = seen
-    for attribute, value in cli.SERVER_LIMITS.items():
+    for attribute, value in ops_serve.SERVER_LIMITS.items():
         assert getattr(shipped, attribute) == value, attribute
         assert getattr(config, attribute) == value, attribute

@@ -23,16 +23,19 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
-from aggregator import cli, create_app, metrics, warm
+from aggregator import create_app, metrics
 from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess, free_port
 from aggregator.engine import engine_of
 from aggregator.errors import ConfigError
 from aggregator.models import SourceResult
+from aggregator.ops import purge as ops_purge
+from aggregator.ops.warm import run as warm_run
+from aggregator.ops.warm.report import PlainReporter
+from aggregator.ops.warm.warmers import RunOptions
 from aggregator.resilience import BreakerState, CircuitBreaker
 from aggregator.serving import ASGIAdapter
 from aggregator.settings import Settings
-from aggregator.warm_report import PlainReporter
 from tests.conftest import ROOT, Server, wait_healthy
 
 TOKEN = "metrics-test-token-" + "x" * 24
@@ -227,7 +230,7 @@ def aggregator_serve(
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("AGGREGATOR_")}
     full_env.update(env)
     log = tmp_path / f"serve-{port}.log"
-    cmd = [sys.executable, "-m", "aggregator.cli", "serve", "--config", str(config)]
+    cmd = [sys.executable, "-m", "aggregator", "serve", "--config", str(config)]
     cmd += ["--bind", f"127.0.0.1:{port}", *args]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
@@ -383,8 +386,8 @@ def test_command_line_tools_build_apps_that_record_nothing(config_path, tmp_path
         cache_dir=tmp_path / "cache",
     )
     config = parse_config(config_path.read_text(), str(config_path))
-    assert cli.purge_cache(settings, config, aggregate="five", params=None, upstream=None)
-    report = warm._run_direct(settings, config, (), warm.RunOptions(), PlainReporter(io.StringIO()))
+    assert ops_purge.purge_cache(settings, config, aggregate="five", params=None, upstream=None)
+    report = warm_run._run_direct(settings, config, (), RunOptions(), PlainReporter(io.StringIO()))
     assert report is not None
 
 

@@ -12,8 +12,9 @@ import pytest
 from flask.testing import FlaskClient
 from pydantic import SecretStr
 
-from aggregator import cli, create_app, create_asgi_app
+from aggregator import create_app, create_asgi_app
 from aggregator.demo.process import DemoProcess, free_port
+from aggregator.ops import cli
 from aggregator.settings import Settings
 
 TOKEN = "s3cret-admin-token-0123456789"
@@ -62,7 +63,7 @@ params = {{ user_id = "int" }}
 @pytest.fixture(autouse=True)
 def no_log_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI configures logging once per process; here that would outlive CliRunner's stderr."""
-    monkeypatch.setattr(cli, "configure_logging", lambda: None)
+    monkeypatch.setattr("aggregator.ops.purge.configure_logging", lambda: None)
 
 
 @pytest.fixture
@@ -443,7 +444,7 @@ def test_cli_purge_usage_errors_exit_2_naming_the_field(
 def test_cli_purge_refuses_a_per_process_cache(runner, monkeypatch, offline_config, cache_type):
     monkeypatch.setenv("AGGREGATOR_CACHE_TYPE", cache_type)
     purges: list[Any] = []
-    monkeypatch.setattr(cli, "purge_cache", lambda *a, **kw: purges.append((a, kw)))
+    monkeypatch.setattr("aggregator.ops.purge.purge_cache", lambda *a, **kw: purges.append((a, kw)))
 
     result = runner.invoke(cli.main, ["cache", "purge", "board", "--config", str(offline_config)])
 
@@ -484,7 +485,7 @@ def test_cli_purge_passes_typed_params_to_the_library(
         calls.append({"cache_type": settings.cache_type, **kwargs})
         return ["entry"]
 
-    monkeypatch.setattr(cli, "purge_cache", fake_purge_cache)
+    monkeypatch.setattr("aggregator.ops.purge.purge_cache", fake_purge_cache)
     args = ["board", "--param", "user_id=07", "--param", "city=Paris", "--upstream", "news"]
 
     result = runner.invoke(cli.main, ["cache", "purge", *args, "--config", str(offline_config)])

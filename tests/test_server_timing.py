@@ -9,7 +9,8 @@ import httpx
 import pytest
 
 from aggregator.cache import Caller
-from aggregator.cache.service import Answer
+from aggregator.cache.headers import Answer
+from aggregator.serving.fastpath import FastPath
 from tests.test_cache import P, headers, make_cache
 
 _ENTRY = re.compile(r'^([\w-]+)(?:;dur=([0-9.]+))?(?:;desc="([^"]*)")?$')
@@ -58,7 +59,7 @@ async def test_hit_has_cache_and_total_but_no_source_that_did_not_run():
 async def test_fast_path_hit_times_the_whole_fast_answer():
     service, _, _ = make_cache()
     await service.answer("dash", P, None)
-    answer, _ = await service.fast_answer("/dash", "city=Paris", [])
+    answer, _ = await FastPath(service, service.config)("/dash", "city=Paris", [])
     assert answer is not None
     entries = timing(answer)
     assert list(entries) == ["cache", "total"] and entries["cache"][1] == "hit"

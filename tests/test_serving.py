@@ -179,7 +179,7 @@ def test_bad_config_stops_hypercorn_with_one_readable_message(tmp_path):
 def test_aggregator_serve_refuses_a_bad_config_with_exit_1(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[upstreams.a]\nurl = "http://{host}/x"\n[aggregates]\n')
-    cmd = [sys.executable, "-m", "aggregator.cli", "serve", "--config", str(bad)]
+    cmd = [sys.executable, "-m", "aggregator", "serve", "--config", str(bad)]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert f"invalid config {bad}: upstreams.a.url: placeholders may not appear" in proc.stderr
@@ -191,7 +191,7 @@ def test_aggregator_serve_with_no_config_starts_the_demo(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGGREGATOR_")}
     env["AGGREGATOR_DEMO_URL"] = f"http://127.0.0.1:{demo_port}"
     log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "aggregator.cli", "serve", "--bind", f"127.0.0.1:{port}"]
+    cmd = [sys.executable, "-m", "aggregator", "serve", "--bind", f"127.0.0.1:{port}"]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

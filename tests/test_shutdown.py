@@ -15,9 +15,10 @@ import httpx
 import pytest
 from hypercorn.config import Config
 
-from aggregator import cli
 from aggregator.config import AggregateConfig, load_config
 from aggregator.demo.process import DemoProcess, free_port
+from aggregator.ops import cli
+from aggregator.ops import serve as ops_serve
 from tests.conftest import ROOT, demo_stats, reset_demo, wait_healthy
 
 SHIPPED = Config.from_toml(ROOT / "hypercorn.toml")
@@ -63,7 +64,7 @@ def test_run_server_warns_when_a_deadline_outlasts_graceful_timeout(monkeypatch,
     toml.write_text("graceful_timeout = 1.5\n")
     monkeypatch.setenv("AGGREGATOR_CONFIG", str(config))
     monkeypatch.setattr("hypercorn.run.run", lambda config: 0)
-    assert cli.run_server(toml, {"bind": None, "workers": None}) == 0
+    assert ops_serve.run_server(toml, {"bind": None, "workers": None}) == 0
     err = capsys.readouterr().err
     assert "warning: aggregate 'slow' has a deadline of 4 s, longer than Hypercorn's " in err
     assert "graceful_timeout of 1.5 s" in err
@@ -76,7 +77,7 @@ def test_run_server_is_quiet_when_graceful_timeout_covers_every_deadline(
     config.write_text(_fan_out_config("http://127.0.0.1:9", delay=0, deadline=4))
     monkeypatch.setenv("AGGREGATOR_CONFIG", str(config))
     monkeypatch.setattr("hypercorn.run.run", lambda config: 0)
-    assert cli.run_server(ROOT / "hypercorn.toml", {"bind": None, "workers": None}) == 0
+    assert ops_serve.run_server(ROOT / "hypercorn.toml", {"bind": None, "workers": None}) == 0
     assert "warning" not in capsys.readouterr().err
 
 
@@ -113,7 +114,7 @@ def test_one_worker_is_served_in_process(
         return 0
 
     monkeypatch.setattr("hypercorn.run.run", fake_run)
-    assert cli.run_server(path, {"bind": None, "workers": flag}) == 0
+    assert ops_serve.run_server(path, {"bind": None, "workers": flag}) == 0
     assert seen[0].workers == hypercorn_workers
     assert os.environ["AGGREGATOR_WORKERS"] == env_workers
 
@@ -132,7 +133,7 @@ def _start(
     env["AGGREGATOR_CONFIG"] = str(config)
     py = [sys.executable, "-m"]
     argv = {
-        "serve": py + ["aggregator.cli", "serve", "--bind", bind, "--hypercorn-config", toml],
+        "serve": py + ["aggregator", "serve", "--bind", bind, "--hypercorn-config", toml],
         "hypercorn": py + ["hypercorn", "-c", toml, "-b", bind, "asgi:app"],
         "hypercorn-supervised": py + ["hypercorn", "-c", toml, "-b", bind, "-w", "1", "asgi:app"],
     }[command]

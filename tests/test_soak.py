@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from aggregator import cli
 from aggregator.bench import soak
 from aggregator.bench.loadgen import LoadResult, designed_failure
 from aggregator.bench.soak import Sample, Snapshot, SoakOptions, SoakResult
+from aggregator.ops import cli
 
 
 def _body(**errors: str) -> bytes:

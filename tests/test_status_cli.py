@@ -11,10 +11,10 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from aggregator import cli
 from aggregator.demo.process import DemoProcess, free_port
 from aggregator.errors import StatusError
-from aggregator.metrics_snapshot import Buckets, metrics_url, parse
+from aggregator.ops import cli
+from aggregator.ops.status.client import Buckets, metrics_url, parse
 from tests.conftest import Server
 from tests.test_metrics import TOKEN, shop_config
 

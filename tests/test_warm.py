@@ -1,6 +1,6 @@
 """`aggregator warm`: targets validated up front, warmed through a deployment or directly.
 
-Subprocess runs (`python -m aggregator.cli warm ...`) against real Hypercorn servers and the real
+Subprocess runs (`python -m aggregator warm ...`) against real Hypercorn servers and the real
 demo upstreams prove the two modes end to end; the library's runner (pace, retries, timeouts,
 interruption) is tested in-process with fake warmers, and target parsing through the library
 functions and `runner.invoke`.
@@ -28,15 +28,17 @@ import redis
 import respx
 from rich.console import Console
 
-from aggregator import cli, create_app
-from aggregator.cache.service import WarmResult
+from aggregator import create_app
+from aggregator.cache.results import WarmResult
 from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess, free_port
 from aggregator.errors import NotWarmableError, TargetError
+from aggregator.ops import cli
+from aggregator.ops.warm.report import Outcome, RichReporter, RunReport, TargetReport
+from aggregator.ops.warm.run import WarmRequest
+from aggregator.ops.warm.targets import Target, collect_targets, make_target
+from aggregator.ops.warm.warmers import HttpWarmer, RunOptions, warm_targets
 from aggregator.settings import Settings
-from aggregator.warm import HttpWarmer, RunOptions, WarmRequest, warm_targets
-from aggregator.warm_report import Outcome, RichReporter, RunReport, TargetReport
-from aggregator.warm_targets import Target, collect_targets, make_target
 from tests.conftest import ROOT, demo_stats, reset_demo
 from tests.test_cache_backends import get_fresh, wait_for_workers
 
@@ -104,9 +106,9 @@ def calls(demo: DemoProcess) -> dict[str, int]:
 
 
 def run_warm(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    """`python -m aggregator.cli warm ARGS` with only the AGGREGATOR_* settings given."""
+    """`python -m aggregator warm ARGS` with only the AGGREGATOR_* settings given."""
     return subprocess.run(
-        [sys.executable, "-m", "aggregator.cli", "warm", *args],
+        [sys.executable, "-m", "aggregator", "warm", *args],
         cwd=ROOT,
         env=_env(env),
         capture_output=True,
@@ -124,7 +126,7 @@ def _env(settings: dict[str, str]) -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def no_log_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI configures logging once per process; here that would outlive CliRunner's stderr."""
-    monkeypatch.setattr(cli, "configure_logging", lambda *_: None)
+    monkeypatch.setattr("aggregator.ops.warm.command.configure_logging", lambda *_: None)
 
 
 @pytest.fixture
@@ -310,7 +312,7 @@ def test_ctrl_c_stops_cleanly_with_a_summary(demo, write_config, tmp_path):
     config = write_config(warm_config(demo.url, delay=0.3, cities=cities))
     report_path = tmp_path / "report.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "aggregator.cli", "warm", "board", "--concurrency", "1"]
+        [sys.executable, "-m", "aggregator", "warm", "board", "--concurrency", "1"]
         + ["--config", str(config), "--json", str(report_path)],
         cwd=ROOT,
         env=_env({"cache_type": "filesystem", "cache_dir": str(tmp_path / "cache")}),
@@ -604,7 +606,7 @@ def test_the_command_passes_its_options_to_the_library(runner, monkeypatch, tmp_
         seen.append(request)
         return 0
 
-    monkeypatch.setattr("aggregator.warm.run", fake_run)
+    monkeypatch.setattr("aggregator.ops.warm.run.run", fake_run)
     monkeypatch.setenv("AGGREGATOR_ADMIN_TOKEN", TOKEN)
     args = ["warm", "board", "--param", "city=Paris", "--param", "user_id=7", "--url", "http://h:1"]
     args += ["--concurrency", "8", "--rate", "2.5", "--timeout", "3", "--retries", "0"]

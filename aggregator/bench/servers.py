@@ -68,7 +68,7 @@ def server_command(target: Target, port: int, threads: int) -> list[str]:
         f"--backlog={BACKLOG}",
         f"--keep-alive={KEEP_ALIVE}",
         f"--worker-class={target.event_loop or default_worker_class()}",
-        "aggregator.cli:worker_app()",
+        "aggregator.ops.serve:worker_app()",
     ]
 
 

@@ -9,14 +9,8 @@ from __future__ import annotations
 
 from aggregator.cache.privacy import Caller, caller_from_headers
 from aggregator.cache.purge import check_target, purge
-from aggregator.cache.service import (
-    AggregateCache,
-    Fill,
-    Filled,
-    Lookup,
-    looked_up,
-    parse_query,
-)
+from aggregator.cache.results import Fill, Filled, Lookup, WarmResult, looked_up
+from aggregator.cache.service import AggregateCache, parse_query
 from aggregator.cache.sources import SourceCache
 from aggregator.errors import CacheUnavailableError
 
@@ -28,6 +22,7 @@ __all__ = [
     "Filled",
     "Lookup",
     "SourceCache",
+    "WarmResult",
     "caller_from_headers",
     "check_target",
     "looked_up",

@@ -12,25 +12,21 @@ A fill runs in the context of the request that started it (see `aggregator.conte
 upstream calls send that request's `X-Request-ID`, also on behalf of the requests that joined it,
 and a joining request logs which fill it waits for (at DEBUG).
 
-Every answer carries `Server-Timing`: the sources this request waited for (a miss), then
-`cache` (ms spent on cache I/O: the lookup, and a fill's lock, re-check and store) and `total`
-(ms from the lookup that began the request, before Flask when the adapter's fast path ran it,
-to the answer's headers). A hit has no source entries: the sources did not run for it, and their
-times when the entry was filled are in the body's `sources`.
+This module owns one thing, the life of a key (lookup, single-flight fill, store, refresh,
+warm), and is long because those steps share the in-flight table and the Redis lock. Around it:
+the answer's HTTP headers are `headers`' (pure), the worker's memory copy is `near`'s, and what
+lookups and fills return is `results`'.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import dataclasses
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal
 from urllib.parse import parse_qs
 
 from aggregator.cache.entries import (
@@ -45,11 +41,14 @@ from aggregator.cache.entries import (
     etag_for,
     lock_key,
 )
+from aggregator.cache.headers import Answer, entry_answer, filled_answer
+from aggregator.cache.near import NearCache
 from aggregator.cache.privacy import ANONYMOUS, Caller, caller_from_asgi
+from aggregator.cache.results import Fill, Filled, Lookup, WarmResult
 from aggregator.cache.store import CacheStore
 from aggregator.config import AppConfig, ParamValue
 from aggregator.context import request_id
-from aggregator.errors import CacheUnavailableError, InvalidRequestError
+from aggregator.errors import CacheUnavailableError
 from aggregator.metrics import OFF, Recorder
 from aggregator.settings import Settings
 
@@ -57,79 +56,11 @@ logger = logging.getLogger(__name__)
 
 State = Literal["fresh", "stale", "stale_if_error", "expired", "miss", "bypass", "off"]
 _POLL = 0.02  # seconds between looks for another process's fill
-_LOCAL_MAX = 10_000  # near-cache entries per process
-
-
-@dataclass(frozen=True, slots=True)
-class Filled:
-    """One fan-out's answer, ready to send (or one another process stored meanwhile)."""
-
-    status: int
-    body: bytes
-    complete: bool
-    timing: str
-    failed: tuple[str, ...] = ()  # sources in the envelope's `errors`, sorted
-    entry: AggregateEntry | None = None  # set when the answer came from another process
-    stored: bool = False  # set when this fill's answer was written to the cache
-    cache_ms: float = 0.0  # cache I/O of this fill (lock, re-check, store), for Server-Timing
-
-
-@dataclass(frozen=True, slots=True)
-class WarmResult:
-    """What warming one target did, for `aggregator warm` and `POST /admin/warm`."""
-
-    outcome: Literal["warmed", "partial", "failed", "skipped"]
-    status: int | None = None
-    sources_failed: tuple[str, ...] = ()
-    detail: str = ""
-
-
-class Fill(Protocol):
-    """What the cache calls to fill a key: one fan-out (`aggregator.aggregate.AggregateFill`)."""
-
-    def __call__(self, name: str, params: Mapping[str, ParamValue]) -> Awaitable[Filled]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Lookup:
-    """What the cache holds for a key; the adapter hands it to the view so it is read once."""
-
-    name: str
-    params: Mapping[str, ParamValue]
-    state: State
-    entry: AggregateEntry | None = None
-    vary: str = ""  # the key's header digest (privacy.Caller.vary)
-    caller: Caller = ANONYMOUS  # what the request's headers say (its vary is `vary`)
-    #: perf_counter() when the request's handling began, and ms the lookup took (Server-Timing).
-    started: float = 0.0
-    ms: float = 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class Answer:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-
-#: The fast path's lookup for the request being served, set by the adapter before Flask runs
-#: (the request's context reaches the view), so the view neither parses nor looks up again.
-looked_up: contextvars.ContextVar[Lookup | None] = contextvars.ContextVar(
-    "aggregator_looked_up", default=None
-)
 
 
 def parse_query(query_string: str) -> dict[str, list[str]]:
     """The one query parser for both the fast path and the view, so both build the same key."""
     return parse_qs(query_string, keep_blank_values=True)
-
-
-def etag_matches(if_none_match: str | None, etag: str) -> bool:
-    if not if_none_match:
-        return False
-    if if_none_match.strip() == "*":
-        return True
-    return etag in (t.strip().removeprefix("W/") for t in if_none_match.split(","))
 
 
 class AggregateCache:
@@ -162,9 +93,7 @@ class AggregateCache:
         self._declared = {name: bool(a.cache_vary) for name, a in config.aggregates.items()}
         self._vary_header = {name: ", ".join(config.vary_by(name)) for name in config.aggregates}
         self._inflight: dict[str, asyncio.Task[Filled]] = {}
-        # The near cache: key -> (entry, monotonic time until which it may be reused).
-        self._local: OrderedDict[str, tuple[AggregateEntry, float]] = OrderedDict()
-        self._local_ttl = settings.cache_local_ttl
+        self._near = NearCache(settings.cache_local_ttl, clock)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifespan ---------------------------------------------------------------------------
@@ -216,7 +145,7 @@ class AggregateCache:
         if not self.caches(name):
             return Lookup(name, params, "off", vary=vary)
         key = aggregate_key(name, params, vary)
-        near = self._near(key)
+        near = self._near.get(key)
         if near is not None:
             return Lookup(name, params, "fresh", near, vary)
         try:
@@ -232,55 +161,34 @@ class AggregateCache:
             return Lookup(name, params, "miss", vary=vary)  # purged after it was stored
         freshness = entry.meta.freshness(self.clock())
         if freshness == "fresh":
-            self._remember(key, entry)
+            self._near.put(key, entry)
         return Lookup(name, params, freshness, entry, vary)
-
-    def _near(self, key: str) -> AggregateEntry | None:
-        """The near cache's fresh entry for `key`, if it has one."""
-        local = self._local.get(key)
-        if local is None:
-            return None
-        near, until = local
-        if time.monotonic() < until and near.meta.freshness(self.clock()) == "fresh":
-            return near
-        del self._local[key]
-        return None
-
-    def _remember(self, key: str, entry: AggregateEntry) -> None:
-        if self._local_ttl <= 0:
-            return
-        self._local[key] = (entry, time.monotonic() + self._local_ttl)
-        self._local.move_to_end(key)
-        if len(self._local) > _LOCAL_MAX:
-            self._local.popitem(last=False)
 
     def forget_local(self) -> None:
         """Drop the near cache (after a purge from this process)."""
-        self._local.clear()
+        self._near.clear()
 
-    async def fast_answer(
-        self, path: str, query_string: str, headers: Iterable[tuple[bytes, bytes]]
-    ) -> tuple[Answer | None, Lookup | None]:
-        """For the adapter, before Flask: the answer to a fresh hit, else what we looked up.
+    # -- for the fast path (serving.fastpath), before Flask -------------------------------------
 
-        Same rule as `answer`: a request with credentials shares no entry unless the aggregate
-        declares `cache_vary` (then its key has their values); otherwise Flask answers it.
-        """
-        started = time.perf_counter()
+    def route(self, path: str) -> str | None:
+        """The cached aggregate served at `path`, if there is one."""
         name = self._routes.get(path)
-        if name is None or not self.caches(name):
-            return None, None
-        caller = caller_from_asgi(headers, self._vary[name])
-        if caller.credentials and not self._declared[name]:
-            return None, None  # the view answers it privately
-        try:
-            params = self.config.aggregates[name].parse_params(parse_query(query_string))
-        except InvalidRequestError:
-            return None, None  # Flask renders the 400
-        lookup = await self.lookup(name, params, started=started, caller=caller)
+        return name if name is not None and self.caches(name) else None
+
+    def caller(self, name: str, headers: Iterable[tuple[bytes, bytes]]) -> Caller:
+        """What a request's raw ASGI headers say, as `name`'s key varies by them."""
+        return caller_from_asgi(headers, self._vary[name])
+
+    def shares(self, name: str, caller: Caller) -> bool:
+        """Whether `caller` may share `name`'s entries: a request with credentials shares none
+        unless the aggregate declares `cache_vary` (then its key has their values)."""
+        return not caller.credentials or self._declared[name]
+
+    def hit(self, lookup: Lookup) -> Answer | None:
+        """The answer to a fresh lookup; None when it needs the view (a fill, a stale entry)."""
         if lookup.state == "fresh" and lookup.entry is not None:
-            return self._from_entry(lookup.entry, "HIT", caller, lookup), None
-        return None, lookup
+            return self._from_entry(lookup.entry, "HIT", lookup.caller, lookup)
+        return None
 
     # -- answering --------------------------------------------------------------------------
 
@@ -293,7 +201,7 @@ class AggregateCache:
     ) -> Answer:
         """The response for one request of aggregate `name` (`caller`: what its headers say)."""
         caller = caller or ANONYMOUS
-        if caller.credentials and not self._declared[name]:
+        if not self.shares(name, caller):
             return await self._answer_privately(name, params, caller)
         vary = caller.vary
         if lookup is None or (lookup.name, lookup.params, lookup.vary) != (name, params, vary):
@@ -340,25 +248,10 @@ class AggregateCache:
         lookup: Lookup,
         filled: Filled | None = None,
     ) -> Answer:
-        """Answer with a stored entry; `filled` is a fill this request waited for meanwhile."""
         self.metrics.cache_result(lookup.name, how)  # every HIT, fast path's included
-        meta = entry.meta
-        age = meta.age(self.clock())
-        max_age = max(0, int(meta.ttl - age)) if how == "HIT" else 0
-        private = "private, " if caller.credentials else ""
-        headers = [
-            ("ETag", meta.etag),
-            ("X-Cache", how),
-            ("Age", str(int(age))),
-            ("Cache-Control", f"{private}max-age={max_age}"),
-            ("X-Aggregate-Complete", "true" if meta.complete else "false"),
-            ("Server-Timing", _server_timing(how.lower(), lookup, filled)),
-        ]
-        if self._vary[lookup.name]:
-            headers.append(("Vary", self._vary_header[lookup.name]))
-        if meta.status == 200 and etag_matches(caller.if_none_match, meta.etag):
-            return Answer(304, headers, b"")
-        return Answer(meta.status, [("Content-Type", "application/json"), *headers], entry.body)
+        vary = self._vary_header[lookup.name] if self._vary[lookup.name] else ""
+        now = self.clock()
+        return entry_answer(entry, how, caller, lookup, now=now, vary=vary, filled=filled)
 
     def _from_filled(
         self,
@@ -370,27 +263,10 @@ class AggregateCache:
         *,
         bypass: str = "",
     ) -> Answer:
-        """Answer with a fresh fan-out; `bypass` says why the cache was skipped, if it was."""
-        timing = _server_timing("off" if how is None else how.lower(), lookup, filled)
-        private = "private, " if caller.credentials else ""
-        headers = [
-            ("X-Aggregate-Complete", "true" if filled.complete else "false"),
-            ("Server-Timing", timing),
-            ("Cache-Control", private + (f"max-age={int(ttl)}" if ttl > 0 else "no-store")),
-        ]
         if how is not None:
             self.metrics.cache_result(lookup.name, how)
-            headers += [("X-Cache", how), ("Age", "0")]
-        if bypass:
-            headers.append(("X-Cache-Bypass", bypass))
-        if self._vary[lookup.name]:
-            headers.append(("Vary", self._vary_header[lookup.name]))
-        if filled.status == 200:
-            etag = etag_for(filled.body)
-            headers.append(("ETag", etag))
-            if etag_matches(caller.if_none_match, etag):
-                return Answer(304, headers, b"")
-        return Answer(filled.status, [("Content-Type", "application/json"), *headers], filled.body)
+        vary = self._vary_header[lookup.name] if self._vary[lookup.name] else ""
+        return filled_answer(filled, how, ttl, caller, lookup, vary=vary, bypass=bypass)
 
     # -- warming ----------------------------------------------------------------------------
 
@@ -533,8 +409,8 @@ class AggregateCache:
                 # The requester's lookup missed, but a fill that ended since may have stored the
                 # entry: one of ours that just left `_inflight` (the near cache has it) or, now
                 # that we hold the Redis lock, another process's that released it (read again).
-                entry = self._near(key)
-                if entry is None and (token or self._local_ttl <= 0):
+                entry = self._near.get(key)
+                if entry is None and (token or self._near.ttl <= 0):
                     again = await self.lookup(name, params, vary=vary)
                     entry = again.entry if again.state == "fresh" else None
                 if entry is not None:
@@ -591,7 +467,7 @@ class AggregateCache:
             await self.store.set(key, encode_aggregate(meta, filled.body), meta.backend_timeout())
         except CacheUnavailableError:
             return False
-        self._remember(key, AggregateEntry(meta, filled.body))
+        self._near.put(key, AggregateEntry(meta, filled.body))
         return True
 
 
@@ -599,12 +475,3 @@ def _filled_from(entry: AggregateEntry) -> Filled:
     """Another fill's stored answer (this process's or another's), as a fill result."""
     meta = entry.meta
     return Filled(meta.status, entry.body, meta.complete, "", meta.failed, entry)
-
-
-def _server_timing(cache_state: str, lookup: Lookup, filled: Filled | None) -> str:
-    """Sources this request waited for, then `cache` and `total`, e.g. for a hit:
-    `cache;dur=0.04;desc="hit", total;dur=0.09`."""
-    cache_ms = lookup.ms + (filled.cache_ms if filled is not None else 0.0)
-    total_ms = (time.perf_counter() - lookup.started) * 1000
-    own = f'cache;dur={cache_ms:.2f};desc="{cache_state}", total;dur={total_ms:.2f}'
-    return f"{filled.timing}, {own}" if filled is not None and filled.timing else own

@@ -57,6 +57,7 @@ from aggregator.serving import limits
 from aggregator.serving.access import Stamped, access_logger, log_access
 from aggregator.serving.answers import CUT_ANSWER, FastAnswer, overload_answer, send_answer
 from aggregator.serving.bridge import AggregatorFlask, greenlet_spawn
+from aggregator.serving.fastpath import FastPath
 from aggregator.settings import Settings
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("aggregator.adapter")
 
 #: Answers a request before Flask (path, query string, raw headers), or says what it looked up.
-FastPath = Callable[
+FastPathFn = Callable[
     [str, str, Iterable[tuple[bytes, bytes]]], Awaitable[tuple[FastAnswer | None, Lookup | None]]
 ]
 #: Seconds between log lines saying this worker is refusing requests.
@@ -96,7 +97,7 @@ class ASGIAdapter:
         # Aggregate path -> its request metrics; empty when metrics are off (one dict miss).
         self._timed = self.engine.metrics.routes()
         #: Answers fresh hits before Flask; a test may wrap it (before the first request).
-        self.fast_path: FastPath = self.engine.cache.fast_answer
+        self.fast_path: FastPathFn = FastPath(self.engine.cache, self.engine.config)
         #: Requests inside Flask now (not fast-path cache hits, not `ALWAYS_ANSWERED` probes).
         self.in_flight = 0
         self._max_in_flight = settings.max_in_flight

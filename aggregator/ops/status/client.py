@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.errors import StatusError
 from aggregator.metrics import REFUSED_KINDS
-from aggregator.warm import describe_http_error
+from aggregator.ops.http import describe_http_error
 
 #: `aggregator_circuit_state` values, as the view names them.
 CIRCUIT_NAMES = {0: "closed", 1: "half-open", 2: "open"}

@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from aggregator.warm_targets import Target
+    from aggregator.ops.warm.targets import Target
 
 Outcome = Literal["warmed", "partial", "failed", "skipped", "not_run"]
 OUTCOMES: tuple[Outcome, ...] = ("warmed", "partial", "failed", "skipped", "not_run")

@@ -12,12 +12,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import click
 from rich.console import Console, Group, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
 from aggregator.errors import StatusError
-from aggregator.metrics_snapshot import CIRCUIT_NAMES, Snapshot, fetch, parse
+from aggregator.ops.status.client import CIRCUIT_NAMES, Snapshot, fetch, metrics_url, parse
 
 _CIRCUIT_STYLES = {"closed": "green", "half-open": "yellow", "open": "bold red"}
 _PIPED_WIDTH = 160
@@ -142,3 +143,44 @@ def _ms(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+@click.command()
+@click.option(
+    "--url",
+    required=True,
+    help="The deployment (http://host:8000: its /metrics) or a metrics URL (a listener's).",
+)
+@click.option(
+    "--token",
+    envvar="AGGREGATOR_ADMIN_TOKEN",
+    help="The servers' admin token [default: $AGGREGATOR_ADMIN_TOKEN].",
+)
+@click.option(
+    "--watch",
+    type=click.FloatRange(min=0.5),
+    metavar="SECONDS",
+    help="Show a new view every SECONDS, each covering the time since the previous one.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    help="With --watch: stop after this many views [default: until Ctrl-C].",
+)
+def status(url: str, token: str | None, watch: float | None, count: int | None) -> None:
+    """A terminal view of a running deployment, built from its /metrics.
+
+    Per source: requests, errors by kind, median and p95 call time, circuit state. Per
+    aggregate: requests by status, cache hit rate, coalesced waiters, latency. Requests in
+    flight. /metrics needs the admin token unless the servers set AGGREGATOR_METRICS=public.
+
+    Exit 0 when shown, 1 when the metrics could not be read (unreachable, refused, not an
+    aggregator: one line says which), 2 for bad usage.
+    """
+    if count is not None and watch is None:
+        raise click.UsageError("--count needs --watch")
+    try:
+        scrape_url = metrics_url(url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--url") from None
+    sys.exit(run(StatusRequest(scrape_url, token or None, watch, count)))

@@ -1,0 +1,1 @@
+"""`aggregator status`: a terminal view of a running deployment, from its `/metrics` (no Flask)."""

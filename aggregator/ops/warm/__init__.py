@@ -1,0 +1,1 @@
+"""`aggregator warm`: fill aggregate entries before traffic asks for them."""
