@@ -6,7 +6,7 @@ Otherwise, and always with `off`, the app gets `OFF`, whose methods do nothing, 
 object is even created: the hot path then pays one no-op call per hook.
 
 Hot path: every label combination an app will use is bound when the app is built (`.labels()`
-costs microseconds; a bound child's `inc` ~0.3 us, ~0.8 us in multiprocess mode), so a cache
+costs far more than a bound child's `inc`, in multiprocess mode too), so a cache
 hit records its request, latency, cache result and in-flight count with a few dict lookups.
 
 Several workers: prometheus_client's multiprocess mode, which it chooses when it is imported

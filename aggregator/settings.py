@@ -34,8 +34,8 @@ class Settings(BaseSettings):
     #: Upstream connections per worker; must exceed concurrent upstream calls or calls queue.
     pool_max_connections: int = Field(default=1024, ge=1)
     pool_max_keepalive: int = Field(default=256, ge=0)
-    #: Seconds an idle upstream connection is kept. httpx's default; 30 s made httpcore's pool
-    #: ~3x slower at 320 concurrent calls (measured), and a short expiry stays under typical
+    #: Seconds an idle upstream connection is kept. httpx's default; a long expiry slows
+    #: httpcore's pool scan under many concurrent calls, and a short one stays under typical
     #: server idle timeouts (no reuse of a connection the server is closing).
     pool_keepalive_expiry: float = Field(default=5.0, gt=0)
     #: Largest upstream body read before the source is reported `too_large`.

@@ -11,7 +11,7 @@ validated payloads are stored.
 A fan-out reads every source entry of its aggregate, and the purge markers of their upstreams,
 in ONE `get_many`. An upstream without `cache_ttl` is looked up only once this process has seen
 it answer with a cacheable `Cache-Control`: most APIs never send one, and asking the cache for
-their entries cost ~10% of an uncached fan-out's CPU for nothing (py-spy). The price is one
+their entries cost a noticeable share of an uncached fan-out's CPU for nothing (py-spy). The price is one
 upstream call per process and upstream after start-up that another process's entry could have
 answered; the answer then stores its own entry and later lookups find it. Each payload is
 re-validated through its upstream's model on the way out, and anything unreadable, expired or
