@@ -18,7 +18,7 @@ from aggregator.cache import AggregateCache, purge
 from aggregator.demo.process import free_port
 from aggregator.engine import engine_of
 from aggregator.settings import Settings
-from tests.conftest import demo_stats, reset_demo
+from tests.support.demo import demo_stats, reset_demo
 
 pytestmark = [
     pytest.mark.integration,
