@@ -15,20 +15,13 @@ import httpx
 import pytest
 
 from aggregator.demo.process import DemoProcess
-from tests.support.clients import ENGINES
+from tests.support.clients import ENGINES, closed_port
 from tests.support.demo import demo_stats
 from tests.support.servers import Server
 
 pytestmark = pytest.mark.integration
 
 _POOL = re.compile(r"upstream connections: (\d+) in use, (\d+) idle, (\d+) waiting")
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def faults_config(demo: str) -> str:
@@ -128,7 +121,10 @@ def assert_nothing_left_behind(server: Server, demo: DemoProcess, within: float 
         open_at_demo = demo_stats(demo)["open_connections"]
         if (in_use, waiting) == (0, 0) and open_at_demo == idle:
             break
-        assert time.monotonic() < deadline, (in_use, idle, waiting, open_at_demo)
+        assert time.monotonic() < deadline, (
+            f"after {within} s: {in_use} in use, {idle} idle, {waiting} waiting; "
+            f"{open_at_demo} open at the demo; server log:\n{server.log()[-3000:]}"
+        )
         time.sleep(0.05)
     r = httpx.get(f"{server.url}/fast?city=Paris&user_id=7", trust_env=False, timeout=5)
     assert r.status_code == 200 and r.json()["data"]["fast"]["user_id"] == 7

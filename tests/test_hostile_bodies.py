@@ -16,12 +16,12 @@ import httpx
 import pytest
 import respx
 
-from aggregator.config import UpstreamConfig
 from aggregator.demo.process import DemoProcess
 from aggregator.engines import build_client
 from aggregator.responses import MAX_JSON_DEPTH
 from aggregator.settings import Settings
 from aggregator.upstream import fetch
+from tests.support.clients import upstream
 
 BASE = "http://upstream.test"
 MIB = 1 << 20
@@ -66,10 +66,6 @@ class Raw:
         if not self.parts:
             raise StopAsyncIteration
         return self.parts.pop()
-
-
-def upstream(url: str, **extra: Any) -> UpstreamConfig:
-    return UpstreamConfig.model_validate({"url": url, **extra})
 
 
 @pytest.mark.integration

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import respx
 from pydantic import ValidationError
 
 from aggregator import create_asgi_app_or_exit, upstream
@@ -178,13 +179,15 @@ def test_a_bad_log_setting_stops_start_up_with_its_name(
         Settings.model_validate({name.lower(): value})
 
 
+@pytest.mark.respx(base_url="http://upstream.test")
 async def test_upstream_call_lines_cost_nothing_when_debug_is_off(
-    demo: DemoProcess, monkeypatch: pytest.MonkeyPatch
+    respx_mock: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Any] = []
     monkeypatch.setattr(upstream, "_log_call", lambda *args: calls.append(args))
+    respx_mock.get("/weather/Oslo").respond(json={"city": "Oslo"})
     config = parse_config(
-        f'[upstreams.w]\nurl = "{demo.url}/weather/Oslo"\n'
+        '[upstreams.w]\nurl = "http://upstream.test/weather/Oslo"\n'
         '[aggregates.a]\npath = "/a"\nsources = ["w"]\n',
         "t.toml",
     )

@@ -143,7 +143,7 @@ def test_the_breaker_stops_calls_and_recovers_after_its_cooldown(
     assert [status(1) for _ in range(5)] + [status(0)] == ["circuit_open"] * 6
     body = get(server, "/api/flaky?fail=1")
     assert body["errors"]["flaky"]["kind"] == "circuit_open"
-    assert body["sources"]["flaky"]["ms"] < 50
+    assert body["sources"]["flaky"]["ms"] < 250  # refused at once (a call would be a failure)
     assert calls(demo, "news") == 3
 
     # After the cool-down, one probe: it fails, so the breaker opens again at once.
@@ -179,8 +179,8 @@ async def test_the_bulkhead_fails_fast_without_slowing_a_fast_sibling(
     assert calls(demo, "stocks") == len(served) <= 2
     for seconds, body in refused:
         assert body["errors"]["slow"]["kind"] == "overloaded"
-        assert body["sources"]["slow"]["ms"] < 50  # refused at once, not queued
-        assert seconds < 1.0  # the answer did not wait for the 1.5 s calls
+        assert body["sources"]["slow"]["ms"] < 250  # refused at once, not queued for 1.5 s
+        assert seconds < 1.2  # the answer did not wait for the 1.5 s calls
     fast = [body["sources"]["fast"]["ms"] for _, body in answers]
     assert all(body["sources"]["fast"]["status"] == "ok" for _, body in answers)
     assert max(fast) < baseline + 300, (

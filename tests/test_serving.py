@@ -200,13 +200,16 @@ def test_aggregator_serve_with_no_config_starts_the_demo(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log, timeout=30)
-        started = time.perf_counter()
         r = httpx.get(f"{url}/api/dashboard?{QUERY}", trust_env=False, timeout=10)
-        elapsed = time.perf_counter() - started
         assert r.status_code == 200, r.text
         assert r.json()["complete"] is True
         assert set(r.json()["data"]) == {"weather", "stocks", "news", "profile", "recommendations"}
-        assert elapsed < 0.7  # ~ the slowest source (0.25 s), not the sum (0.75 s)
+        # Timed once connections and imports are warm, for parameters nothing has cached.
+        started = time.perf_counter()
+        timed = httpx.get(f"{url}/api/dashboard?city=Lima&user_id=8", trust_env=False, timeout=10)
+        elapsed = time.perf_counter() - started
+        assert timed.status_code == 200 and timed.json()["complete"] is True, timed.text
+        assert elapsed < 0.7, elapsed  # ~ the slowest source (0.25 s), not the sum (0.75 s)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(20)

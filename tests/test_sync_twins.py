@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from aggregator.serving import AggregatorFlask
 from aggregator.settings import Settings
 from aggregator.twins import SyncTwins, twins_of
 from aggregator.upstream import fetch_sync
+from tests.support.clients import closed_port
 from tests.support.demo import demo_stats, reset_demo
 
 QUERY = "city=Paris&user_id=7"
@@ -33,14 +33,6 @@ PREFIXES = [
 ]
 TWINS = [pytest.param("/sync", id="sequential"), pytest.param("/sync-pool", id="pool")]
 MAX_BODY = 10_000
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on: bound to learn it, then closed."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def twins_config(demo_url: str, *, delay: float = 0.2) -> str:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import httpx
 import pytest
@@ -17,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
-from aggregator.config import UpstreamConfig, parse_config
+from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess
 from aggregator.engines import build_client
 from aggregator.settings import Engine, Settings
@@ -28,24 +26,12 @@ from aggregator.upstream import (
     open_shared_client,
     shared_client,
 )
-from tests.support.clients import ENGINES
+from tests.support.clients import ENGINES, closed_port, upstream
 
 BASE = "http://upstream.test"
 SECRET = "s3cr3t-T0KEN-value"
 WEATHER = "aggregator.demo.models:Weather"
 STOCKS = "aggregator.demo.models:Stocks"
-
-
-def upstream(url: str, **extra: Any) -> UpstreamConfig:
-    return UpstreamConfig.model_validate({"url": url, **extra})
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on: bound to learn it, then closed."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # --- failures against the real demo upstream, on both engines ----------------------------------

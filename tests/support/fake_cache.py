@@ -50,15 +50,18 @@ class Upstream:
     async def fill(self, name: str, params: Mapping[str, ParamValue]) -> Filled:
         self.calls += 1
         await asyncio.sleep(self.delay)
+        errors = {} if self.status == 200 else {"a": {"kind": "connect", "detail": "x"}}
         body = json.dumps(
             {
                 "data": {"a": {"call": self.calls, **params}} if self.status == 200 else {},
-                "errors": {} if self.status == 200 else {"a": {"kind": "connect", "detail": "x"}},
+                "errors": errors,
                 "sources": {"a": {"status": "ok" if self.status == 200 else "connect", "ms": 1}},
                 "complete": self.complete and self.status == 200,
             }
         ).encode()
-        return Filled(self.status, body, self.complete and self.status == 200, "a;dur=1")
+        complete = self.complete and self.status == 200
+        # As the real fill (aggregate.py) does: the sources of the envelope's `errors`, sorted.
+        return Filled(self.status, body, complete, "a;dur=1", failed=tuple(sorted(errors)))
 
 
 def make_cache(
