@@ -1,5 +1,6 @@
-"""Redis for the tests: a private `redis-server` to kill and pause, and key prefixes of a test's
-own on the shared Redis (127.0.0.1:6379, which `.ci/run` makes sure answers)."""
+"""Redis for the tests: a private `redis-server` to kill and pause, Sentinel and Cluster nodes,
+and key prefixes of a test's own on the shared Redis (127.0.0.1:6379, which `.ci/run` makes sure
+answers)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -135,3 +137,48 @@ def redis_settings(server: PrivateRedis, **settings: Any) -> dict[str, Any]:
     """Settings for a Redis cache on `server`, under a prefix of the test's own."""
     base = {"cache_type": "redis", "cache_redis_url": server.url, "cache_key_prefix": new_prefix()}
     return base | settings
+
+
+# -- Sentinel and Cluster nodes ------------------------------------------------------------------
+
+
+def start_redis_server(args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`redis-server ARGS` (a node or a sentinel), once it answers PING on `port`."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(["redis-server", *args], stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if redis.Redis(port=port, socket_timeout=0.5).ping():
+                return proc
+        except redis.RedisError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"redis-server on {port} did not start:\n{log.read_text()}")
+
+
+def stop_processes(*procs: subprocess.Popen[bytes]) -> None:
+    """Terminate, then kill what does not exit within 5 s."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too, so at most 55535."""
+    for _ in range(200):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
