@@ -19,8 +19,8 @@ from aggregator.engine import engine_of
 from aggregator.ops import serve as ops_serve
 from aggregator.settings import CacheType, Engine, Mode, Settings
 from aggregator.views import admin
-from tests.conftest import ROOT
-from tests.crashing_app import SECRET, add_failing_routes
+from tests.support.crashing_app import SECRET, add_failing_routes
+from tests.support.paths import ROOT
 
 TOKEN = "admin-token-" + "x" * 32
 ROUTES = ["/admin/purge", "/admin/warm"]
@@ -205,7 +205,7 @@ async def test_an_exception_in_a_view_is_an_opaque_json_500_in_every_mode(
 @pytest.mark.integration
 @pytest.mark.parametrize("mode", get_args(Mode))
 def test_no_traceback_reaches_a_body_on_real_hypercorn(serve, config_path, mode):
-    server = serve(config_path, app="tests.crashing_app:create()", mode=mode)
+    server = serve(config_path, app="tests.support.crashing_app:create()", mode=mode)
     with httpx.Client(base_url=server.url, trust_env=False, timeout=10) as client:
         views = [client.get(path) for path in ("/boom/async", "/boom/sync")]
         # Outside Flask (the adapter's fast path, loop and threads modes): Hypercorn's own 500.

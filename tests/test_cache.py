@@ -3,87 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Mapping
 from typing import Any
 
 import httpx
 import pytest
-from flask import Flask
 
 from aggregator import create_app, create_asgi_app
-from aggregator.cache import AggregateCache, Caller, Filled, purge
-from aggregator.cache.backends import build_cache
+from aggregator.cache import Caller, purge
 from aggregator.cache.entries import aggregate_key, canonical_params
-from aggregator.cache.headers import Answer
-from aggregator.cache.store import CacheStore
 from aggregator.config import ParamValue, parse_config
 from aggregator.errors import CacheUnavailableError
 from aggregator.settings import Settings
-from tests.conftest import demo_stats, reset_demo
-
-CONFIG = """
-[upstreams.a]
-url = "http://127.0.0.1:9/a/{{city}}"
-
-[aggregates.dash]
-path = "/dash"
-sources = ["a"]
-required = ["a"]
-params = {{ city = "str", n = {{ type = "int", default = 1 }} }}
-{extra}
-"""
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Upstream:
-    """A fake fill: counts calls; answers what `next` says."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.status = 200
-        self.complete = True
-        self.delay = 0.0
-
-    async def fill(self, name: str, params: Mapping[str, ParamValue]) -> Filled:
-        self.calls += 1
-        await asyncio.sleep(self.delay)
-        body = json.dumps(
-            {
-                "data": {"a": {"call": self.calls, **params}} if self.status == 200 else {},
-                "errors": {} if self.status == 200 else {"a": {"kind": "connect", "detail": "x"}},
-                "sources": {"a": {"status": "ok" if self.status == 200 else "connect", "ms": 1}},
-                "complete": self.complete and self.status == 200,
-            }
-        ).encode()
-        failed = () if self.status == 200 else ("a",)  # the sources in the body's `errors`
-        return Filled(self.status, body, self.complete and self.status == 200, "a;dur=1", failed)
-
-
-def make_cache(
-    extra: str = "cache_ttl = 10", **settings: Any
-) -> tuple[AggregateCache, Upstream, Clock]:
-    config = parse_config(CONFIG.format(extra=extra), "test")
-    settings.setdefault("cache_local_ttl", 0)  # read the backend every time unless a test asks
-    settings_obj = Settings(cache_type="simple", **settings)
-    store = CacheStore(build_cache(Flask("t"), settings_obj), settings_obj)
-    upstream, clock = Upstream(), Clock()
-    service = AggregateCache(store, config, settings_obj, upstream.fill, clock=clock)
-    return service, upstream, clock
-
-
-def headers(answer: Answer) -> dict[str, str]:
-    return dict(answer.headers)
-
-
-P: dict[str, ParamValue] = {"city": "Paris", "n": 1}
+from tests.support.demo import demo_stats, reset_demo
+from tests.support.fake_cache import CONFIG, P, headers, make_cache
 
 
 async def test_miss_then_hit_with_age_and_shrinking_max_age():

@@ -6,7 +6,8 @@ restarted under concurrent traffic, crafted bytes (a pickle that would create a 
 garbage, integers) written into every kind of key under our prefix on Redis and in the cache
 directory, and a FileSystemCache directory that cannot be written, at start-up or mid-traffic.
 `pickle.loads`/`load` raise throughout the in-process tests (`no_unpickling`), and the package
-is checked statically. Refused/stalled Redis and single corrupted entries: test_cache_redis.py.
+is checked statically. Refused/stalled Redis and single corrupted entries: test_cache_redis.py
+and test_cache_backends.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import socket
 import struct
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,18 +29,11 @@ import pytest
 from aggregator.cache import backends
 from aggregator.cache.backends import FileSystemCache, _RawBytes
 from aggregator.cache.entries import aggregate_marker, lock_key, source_key, source_marker
-from tests.conftest import ROOT, five_sources_config
-from tests.test_cache_backends import (
-    GARBAGE,
-    SERVICES,
-    Tripwire,
-    cache_of,
-    cached_config,
-    entry_key,
-    garbage,
-    serving,
-)
-from tests.test_cache_redis import redis_settings, url_for
+from tests.support.cache import GARBAGE, Tripwire, cache_of, entry_key, garbage
+from tests.support.configs import SERVICES, cached_config, five_sources_config, url_for
+from tests.support.paths import ROOT
+from tests.support.redis import new_prefix, redis_settings
+from tests.support.servers import serving
 
 pytestmark = pytest.mark.integration
 
@@ -118,12 +111,12 @@ async def test_a_redis_that_never_answers_costs_each_request_a_bounded_delay(
         ready, ready_took = await timed_get(client, "/readyz")
         failures = cache_of(adapter).store.failures
     took = [t for _, t in timed]
-    print(f"\nredis blackhole: requests took {', '.join(f'{t:.2f}' for t in took)} s")
+    took_text = f"redis blackhole: requests took {', '.join(f'{t:.2f}' for t in took)} s"
     assert [r.status_code for r, _ in timed] == [200] * 6
     assert {r.headers["x-cache"] for r, _ in timed} == {"BYPASS"}
     assert {r.headers["x-cache-bypass"] for r, _ in timed} == {"backend"}
     # Three cache calls at most per request (read, lock, write), 0.25 s each, plus the fan-out.
-    assert max(took) < 1.5
+    assert max(took) < 1.5, took_text
     assert ready.status_code == 503 and "cache" in ready.json()["failed"]
     assert ready_took < 1.0
     assert failures >= 6 and len(blackhole.held) >= 1  # it really was asked
@@ -141,9 +134,9 @@ def test_hypercorn_keeps_answering_when_redis_never_answers(serve, demo, write_c
             took.append(time.perf_counter() - started)
             assert r.status_code == 200 and r.headers["x-cache"] == "BYPASS"
         assert client.get("/readyz").status_code == 503
-    print(f"\nhypercorn, redis blackhole: {', '.join(f'{t:.2f}' for t in took)} s")
-    assert max(took) < 1.5
-    assert sum(took) / len(took) < 0.6  # after a failure the cache is skipped for a second
+    took_text = f"hypercorn, redis blackhole: {', '.join(f'{t:.2f}' for t in took)} s"
+    assert max(took) < 1.5, took_text
+    assert sum(took) / len(took) < 0.6, took_text  # after a failure the cache is skipped for 1 s
 
 
 # -- Redis restarted mid-traffic -----------------------------------------------------------------
@@ -151,7 +144,7 @@ def test_hypercorn_keeps_answering_when_redis_never_answers(serve, demo, write_c
 
 def test_redis_restarted_mid_traffic_fails_no_request(serve, demo, write_config, private_redis):
     config = write_config(cached_config(demo.url, delay=0.02))
-    prefix = f"test-{uuid.uuid4().hex}:"
+    prefix = new_prefix()
     server = serve(
         config, cache_type="redis", cache_redis_url=private_redis.url, cache_key_prefix=prefix
     )
@@ -186,13 +179,14 @@ def test_redis_restarted_mid_traffic_fails_no_request(serve, demo, write_config,
         return {state for when, _, state, _ in results if since <= when < until}
 
     worst = max(took for *_, took in results)
-    print(f"\nredis restarted under 4 clients: {len(results)} requests, worst {worst:.2f} s")
     assert {status for _, status, _, _ in results} == {200}
     assert "HIT" in states(0, killed_at)
     assert "BYPASS" in states(killed_at, restarted_at)
     assert states(killed_at, restarted_at) <= {"BYPASS", "HIT", "MISS"}
     assert "HIT" in states(restarted_at + 2.0)  # entries stored again and read back
-    assert worst < 2.0
+    assert worst < 2.0, (
+        f"redis restarted under 4 clients: {len(results)} requests, worst {worst:.2f} s"
+    )
     server.stop()
     assert "Traceback" not in server.log()
 

@@ -24,9 +24,10 @@ from aggregator.engine import engine_of
 from aggregator.errors import ConfigError
 from aggregator.serving import ASGIAdapter
 from aggregator.settings import Settings
-from tests.conftest import Server, demo_stats, reset_demo
-from tests.test_adapter import _http_scope
-from tests.test_cache_backends import cached_config, serving
+from tests.support.clients import http_scope
+from tests.support.configs import cached_config
+from tests.support.demo import demo_stats, reset_demo
+from tests.support.servers import Server, serving
 
 QUERY = "city=Paris&user_id=7"
 ALICE = {"Authorization": "Bearer alice-token"}
@@ -210,7 +211,7 @@ def test_the_fast_path_and_the_view_derive_the_same_caller(raw, vary, config_pat
     # The view reads the WSGI environ the adapter builds (asgiref's) from the same raw headers.
     settings = Settings(config=config_path)
     app = create_app(settings)
-    scope: Any = _http_scope("/", headers=raw)
+    scope: Any = http_scope("/", headers=raw)
     environ = ASGIAdapter(app, settings)._environ(scope, b"")
 
     with app.request_context(environ):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +16,8 @@ from aggregator.cache import AggregateCache, purge
 from aggregator.demo.process import free_port
 from aggregator.engine import engine_of
 from aggregator.settings import Settings
-from tests.conftest import demo_stats, reset_demo
+from tests.support.demo import demo_stats, reset_demo
+from tests.support.redis import cluster_port, start_redis_server, stop_processes
 
 pytestmark = [
     pytest.mark.integration,
@@ -26,73 +25,37 @@ pytestmark = [
 ]
 
 
-def _start(args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(["redis-server", *args], stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if redis.Redis(port=port, socket_timeout=0.5).ping():
-                return proc
-        except redis.RedisError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"redis-server on {port} did not start:\n{log.read_text()}")
-
-
-def _stop(*procs: subprocess.Popen[bytes]) -> None:
-    for proc in procs:
-        proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @pytest.fixture
 def sentinel(tmp_path: Path) -> Iterator[str]:
     """A master and one sentinel watching it; yields the sentinel's host:port."""
     master_port, sentinel_port = free_port(), free_port()
     base = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    master = _start(["--port", str(master_port), *base], master_port, tmp_path / "master.log")
+    master = start_redis_server(
+        ["--port", str(master_port), *base], master_port, tmp_path / "master.log"
+    )
     conf = tmp_path / "sentinel.conf"  # sentinel rewrites its config file: give it its own
     conf.write_text(
         f"port {sentinel_port}\nbind 127.0.0.1\n"
         f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n"
         "sentinel down-after-milliseconds mymaster 5000\n"
     )
-    watcher = _start([str(conf), "--sentinel"], sentinel_port, tmp_path / "sentinel.log")
+    watcher = start_redis_server(
+        [str(conf), "--sentinel"], sentinel_port, tmp_path / "sentinel.log"
+    )
     yield f"127.0.0.1:{sentinel_port}"
-    _stop(watcher, master)
-
-
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too, so at most 55535."""
-    for _ in range(200):
-        port = free_port()
-        if port > 55535:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
+    stop_processes(watcher, master)
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[str]:
     """A one-node Redis Cluster owning all 16384 slots; yields its host:port."""
-    port = _cluster_port()
+    port = cluster_port()
     args = [
         "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
         "--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf"),
         "--dir", str(tmp_path),
     ]  # fmt: skip
-    node = _start(args, port, tmp_path / "cluster.log")
+    node = start_redis_server(args, port, tmp_path / "cluster.log")
     client = redis.Redis(port=port)
     client.cluster("ADDSLOTSRANGE", 0, 16383)
     deadline = time.monotonic() + 10
@@ -101,7 +64,7 @@ def cluster(tmp_path: Path) -> Iterator[str]:
         time.sleep(0.05)
     client.close()
     yield f"127.0.0.1:{port}"
-    _stop(node)
+    stop_processes(node)
 
 
 def _config(demo_url: str, write_config: Callable[[str], Path]) -> Path:

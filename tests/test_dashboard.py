@@ -18,8 +18,9 @@ from flask.testing import FlaskClient
 from aggregator import create_app
 from aggregator.demo.process import DemoProcess
 from aggregator.settings import Settings
-from tests.chromium import find_chromium, open_page
-from tests.conftest import ROOT, Server
+from tests.support.chromium import find_chromium, open_page
+from tests.support.paths import ROOT
+from tests.support.servers import Server
 
 #: Any absolute or scheme-relative URL: the page must load and call nothing outside its origin.
 EXTERNAL_URL = re.compile(r"(?:[a-z][a-z0-9+.-]*:)?//[A-Za-z0-9\[]", re.I)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import aiohttp
 import httpx
@@ -16,25 +15,13 @@ from aggregator.demo.process import DemoProcess
 from aggregator.engines import build_client
 from aggregator.fanout import fan_out
 from aggregator.settings import Engine, Settings
-from tests.conftest import demo_stats, five_sources_config, reset_demo
+from tests.support.configs import five_sources_config
+from tests.support.demo import demo_stats, reset_demo
 
 pytestmark = pytest.mark.integration
 
-ENGINES = [pytest.param("aiohttp", id="aiohttp"), pytest.param("httpx", id="httpx")]
 PARAMS: dict[str, ParamValue] = {"city": "Paris", "user_id": 7}
 MAX_BODY = 1_000_000
-
-
-@pytest.fixture(params=ENGINES)
-def engine(request: pytest.FixtureRequest) -> Engine:
-    value: Engine = request.param
-    return value
-
-
-@pytest.fixture
-async def engine_client(engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async with build_client(Settings(engine=engine)) as own:
-        yield own
 
 
 def mixed_config(demo_url: str, *, deadline: float = 5.0) -> AppConfig:

@@ -15,19 +15,13 @@ import httpx
 import pytest
 
 from aggregator.demo.process import DemoProcess
-from tests.conftest import Server, demo_stats
+from tests.support.clients import ENGINES, closed_port
+from tests.support.demo import demo_stats
+from tests.support.servers import Server
 
 pytestmark = pytest.mark.integration
 
-ENGINES = ["aiohttp", "httpx"]
 _POOL = re.compile(r"upstream connections: (\d+) in use, (\d+) idle, (\d+) waiting")
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def faults_config(demo: str) -> str:
@@ -41,12 +35,12 @@ schema = "aggregator.demo.models:Profile"
 url = "{demo}/weather/{{city}}?drip=5"
 timeout = 0.5
 
-[upstreams.hang]
-url = "{demo}/stocks/{{user_id}}?delay=5"
+[upstreams.hang]                 # far longer than any bound below, even on a busy machine
+url = "{demo}/stocks/{{user_id}}?delay=10"
 timeout = 60
 
 [upstreams.drip_long]
-url = "{demo}/news?topic={{city}}&drip=5"
+url = "{demo}/news?topic={{city}}&drip=10"
 timeout = 60
 
 [upstreams.broken]
@@ -98,14 +92,16 @@ deadline = 0.6
 """
 
 
+@pytest.fixture
+def server_config(demo: DemoProcess, write_config: Callable[[str], Path]) -> Path:
+    """What conftest's `server` serves here..."""
+    return write_config(faults_config(demo.url))
+
+
 @pytest.fixture(params=ENGINES)
-def server(
-    request: pytest.FixtureRequest,
-    serve: Callable[..., Server],
-    demo: DemoProcess,
-    write_config: Callable[[str], Path],
-) -> Server:
-    return serve(write_config(faults_config(demo.url)), engine=request.param)
+def server_settings(request: pytest.FixtureRequest) -> dict[str, str]:
+    """...on each upstream engine."""
+    return {"engine": request.param}
 
 
 def pool(server: Server) -> tuple[int, int, int]:
@@ -125,7 +121,10 @@ def assert_nothing_left_behind(server: Server, demo: DemoProcess, within: float 
         open_at_demo = demo_stats(demo)["open_connections"]
         if (in_use, waiting) == (0, 0) and open_at_demo == idle:
             break
-        assert time.monotonic() < deadline, (in_use, idle, waiting, open_at_demo)
+        assert time.monotonic() < deadline, (
+            f"after {within} s: {in_use} in use, {idle} idle, {waiting} waiting; "
+            f"{open_at_demo} open at the demo; server log:\n{server.log()[-3000:]}"
+        )
         time.sleep(0.05)
     r = httpx.get(f"{server.url}/fast?city=Paris&user_id=7", trust_env=False, timeout=5)
     assert r.status_code == 200 and r.json()["data"]["fast"]["user_id"] == 7
@@ -181,7 +180,7 @@ def test_the_deadline_mid_fan_out_answers_on_time(
     body = r.json()
     assert body["data"]["fast"]["user_id"] == 7
     assert {body["errors"][n]["kind"] for n in ("hang", "drip_long")} == {"deadline"}
-    assert elapsed < 2.5  # the 0.6 s deadline, not the 5 s upstreams
+    assert elapsed < 2.5  # the 0.6 s deadline, not the 10 s upstreams
     assert_nothing_left_behind(server, demo)
 
 
@@ -195,5 +194,5 @@ def test_clients_leaving_mid_fan_out_leave_nothing_behind(
             sock.sendall(request)
             time.sleep(0.05)
 
-    # Well before the upstreams' 5 s: only cancelling the calls frees their connections.
-    assert_nothing_left_behind(server, demo, within=3.0)
+    # Well before the upstreams' 10 s: only cancelling the calls frees their connections.
+    assert_nothing_left_behind(server, demo, within=6.0)

@@ -23,8 +23,8 @@ from aggregator.demo.process import DemoProcess
 from aggregator.errors import ConfigError
 from aggregator.openapi import build_openapi
 from aggregator.settings import Settings
-from tests.conftest import Server, reset_demo
-from tests.test_request_id import received
+from tests.support.demo import received, reset_demo
+from tests.support.servers import Server
 
 SECRET = "Bearer user-secret-7f3a"
 COOKIE = "session=cookie-secret-91b2"
@@ -90,8 +90,9 @@ def config_file(demo: DemoProcess, write_config: Callable[[str], Path]) -> Path:
 
 
 @pytest.fixture
-def server(config_file: Path, serve: Callable[..., Server]) -> Server:
-    return serve(config_file)
+def server_config(config_file: Path) -> Path:
+    """What conftest's `server` serves here."""
+    return config_file
 
 
 def one_upstream(extra: str) -> str:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import shutil
 import time
-import uuid
 
 import httpx
 import pytest
 
 from aggregator.config import parse_config
 from aggregator.errors import ConfigError
-from tests.conftest import ROOT
-from tests.test_cache_backends import cached_config, serving
+from tests.support.configs import cached_config
+from tests.support.paths import ROOT
+from tests.support.redis import new_prefix
+from tests.support.servers import serving
 
 
 def test_healthz_is_liveness_only(client):
@@ -80,7 +81,7 @@ async def test_readyz_reports_a_redis_outage_within_the_cache_timeout(
     settings = {
         "cache_type": "redis",
         "cache_redis_url": private_redis.url,
-        "cache_key_prefix": f"test-{uuid.uuid4().hex}:",
+        "cache_key_prefix": new_prefix(),
         "cache_timeout": 0.3,
     }
     async with serving(config, **settings) as (_, client):

@@ -8,7 +8,7 @@ import gzip
 import time
 import tracemalloc
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,12 @@ import httpx
 import pytest
 import respx
 
-from aggregator.config import UpstreamConfig
 from aggregator.demo.process import DemoProcess
 from aggregator.engines import build_client
 from aggregator.responses import MAX_JSON_DEPTH
-from aggregator.settings import Engine, Settings
+from aggregator.settings import Settings
 from aggregator.upstream import fetch
+from tests.support.clients import upstream
 
 BASE = "http://upstream.test"
 MIB = 1 << 20
@@ -53,13 +53,6 @@ HOSTILE = [
 ]
 
 
-@pytest.fixture(params=["aiohttp", "httpx"])
-async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
-    engine: Engine = request.param
-    async with build_client(Settings(engine=engine)) as own:
-        yield own
-
-
 class Raw:
     """A one-chunk async body, handed to the client undecoded."""
 
@@ -75,13 +68,9 @@ class Raw:
         return self.parts.pop()
 
 
-def upstream(url: str, **extra: Any) -> UpstreamConfig:
-    return UpstreamConfig.model_validate({"url": url, **extra})
-
-
 @pytest.mark.integration
 async def test_a_gzip_bomb_is_cut_at_the_limit_without_inflating_it(
-    client: httpx.AsyncClient, demo: DemoProcess
+    engine_client: httpx.AsyncClient, demo: DemoProcess
 ) -> None:
     # 1 GiB of padding in ~1 MiB of gzip, sent in 64 KiB writes (~64 MiB each once inflated):
     # httpx's own decoding inflates every network chunk whole (measured peaks 45-143 MiB).
@@ -89,7 +78,7 @@ async def test_a_gzip_bomb_is_cut_at_the_limit_without_inflating_it(
     tracemalloc.start()
     try:
         started = time.monotonic()
-        result = await fetch(client, "bomb", config, {}, max_body=MIB)
+        result = await fetch(engine_client, "bomb", config, {}, max_body=MIB)
         elapsed = time.monotonic() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -103,13 +92,13 @@ async def test_a_gzip_bomb_is_cut_at_the_limit_without_inflating_it(
 
 @pytest.mark.integration
 async def test_gzip_under_the_limit_is_decoded(
-    client: httpx.AsyncClient, demo: DemoProcess
+    engine_client: httpx.AsyncClient, demo: DemoProcess
 ) -> None:
     config = upstream(
         f"{demo.url}/weather/Paris?gzip=1&size=200000", schema="aggregator.demo.models:Weather"
     )
 
-    result = await fetch(client, "packed", config, {}, max_body=MIB)
+    result = await fetch(engine_client, "packed", config, {}, max_body=MIB)
 
     assert result.ok, result
     assert result.data["city"] == "Paris"
@@ -154,11 +143,11 @@ async def test_only_encodings_we_can_bound_are_advertised(respx_mock: respx.Mock
 @pytest.mark.parametrize(("knob", "detail"), HOSTILE)
 @pytest.mark.parametrize("schema", [None, "aggregator.demo.models:Weather"], ids=["raw", "schema"])
 async def test_hostile_bodies_are_invalid_json(
-    client: httpx.AsyncClient, demo: DemoProcess, knob: str, detail: str, schema: str | None
+    engine_client: httpx.AsyncClient, demo: DemoProcess, knob: str, detail: str, schema: str | None
 ) -> None:
     config = upstream(f"{demo.url}/weather/Paris?{knob}", schema=schema)
 
-    result = await fetch(client, "h", config, {}, max_body=MIB)
+    result = await fetch(engine_client, "h", config, {}, max_body=MIB)
 
     assert (result.status, result.detail) == ("invalid_json", detail)
 

@@ -24,14 +24,10 @@ from hypercorn.config import Config
 
 from aggregator.demo.process import DemoProcess
 from aggregator.ops import serve as ops_serve
-from tests.conftest import (
-    ROOT,
-    Server,
-    demo_stats,
-    five_sources_config,
-    reset_demo,
-    start_hypercorn,
-)
+from tests.support.configs import five_sources_config
+from tests.support.demo import demo_stats, reset_demo
+from tests.support.paths import ROOT
+from tests.support.servers import Server, start_hypercorn
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +38,8 @@ CHUNKED_POST = b"POST /admin/purge HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chu
 
 
 @pytest.fixture(scope="module")
-def server(demo: DemoProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def module_server(demo: DemoProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the module's tests (conftest's `server` is one per test)."""
     workdir = tmp_path_factory.mktemp("hostile-http")
     config = workdir / "config.toml"
     config.write_text(five_sources_config(demo.url, delay=0.01))
@@ -61,13 +58,8 @@ class RawResponse:
         return json.loads(self.body)
 
 
-def address(server: Server) -> tuple[str, int]:
-    host, port = server.url.removeprefix("http://").split(":")
-    return host, int(port)
-
-
 def connect(server: Server, timeout: float = 15.0) -> socket.socket:
-    return socket.create_connection(address(server), timeout=timeout)
+    return socket.create_connection(server.address, timeout=timeout)
 
 
 def read_all(sock: socket.socket) -> bytes:
@@ -132,21 +124,21 @@ def assert_refused(response: RawResponse, status: int, error: str) -> None:
         pytest.param(b"X-Big: " + b"a" * 20 * 1024 + b"\r\n", id="20-kib-block-sent-whole"),
     ],
 )
-def test_too_many_or_too_large_headers_are_431_before_flask(server, demo, extra):
+def test_too_many_or_too_large_headers_are_431_before_flask(module_server, demo, extra):
     reset_demo(demo)
 
-    (response,), took = exchange(server, AGGREGATE + extra + b"\r\n")
+    (response,), took = exchange(module_server, AGGREGATE + extra + b"\r\n")
 
     assert_refused(response, 431, "Request Header Fields Too Large")
     assert "100 headers" in response.json()["message"]
     assert demo_stats(demo)["total_requests"] == 0  # the aggregate never ran
     assert took < 5
-    assert_healthy(server)
+    assert_healthy(module_server)
 
 
-def test_a_header_block_arriving_in_pieces_is_cut_by_h11(server, demo):
+def test_a_header_block_arriving_in_pieces_is_cut_by_h11(module_server, demo):
     reset_demo(demo)
-    with connect(server) as sock:
+    with connect(module_server) as sock:
         sock.sendall(AGGREGATE + b"X-Big: " + b"a" * 10 * 1024)
         time.sleep(0.2)  # h11 now holds an incomplete head of 10 KiB
         sock.sendall(b"a" * 10 * 1024 + b"\r\n\r\n")
@@ -154,7 +146,7 @@ def test_a_header_block_arriving_in_pieces_is_cut_by_h11(server, demo):
 
     assert response.status == 431  # h11's own answer (h11_max_incomplete_size), no body
     assert demo_stats(demo)["total_requests"] == 0
-    assert_healthy(server)
+    assert_healthy(module_server)
 
 
 @pytest.mark.parametrize(
@@ -164,12 +156,12 @@ def test_a_header_block_arriving_in_pieces_is_cut_by_h11(server, demo):
         pytest.param([("x-big", "a" * 20 * 1024)], id="20-kib-header"),
     ],
 )
-def test_header_limits_hold_over_cleartext_http2(server, demo, headers):
+def test_header_limits_hold_over_cleartext_http2(module_server, demo, headers):
     # Hypercorn speaks h2 to any client that opens with the HTTP/2 preface (prior knowledge).
     reset_demo(demo)
     with httpx.Client(http1=False, http2=True, trust_env=False, timeout=10) as client:
-        refused = client.get(f"{server.url}/api/five?city=Paris&user_id=7", headers=headers)
-        fine = client.get(f"{server.url}/api/five?city=Paris&user_id=7")
+        refused = client.get(f"{module_server.url}/api/five?city=Paris&user_id=7", headers=headers)
+        fine = client.get(f"{module_server.url}/api/five?city=Paris&user_id=7")
 
     assert refused.http_version == "HTTP/2"
     assert refused.status_code == 431
@@ -181,9 +173,9 @@ def test_header_limits_hold_over_cleartext_http2(server, demo, headers):
 # -- bodies --------------------------------------------------------------------------------------
 
 
-def test_a_declared_20_mib_body_is_413_before_a_byte_is_sent(server):
+def test_a_declared_20_mib_body_is_413_before_a_byte_is_sent(module_server):
     head = b"POST /admin/purge HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-    with connect(server) as sock:
+    with connect(module_server) as sock:
         started = time.monotonic()
         sock.sendall(head + b"Content-Length: %d\r\n\r\n" % (20 * MIB))
         (response,) = parse(read_all(sock))  # no body byte was sent
@@ -191,7 +183,7 @@ def test_a_declared_20_mib_body_is_413_before_a_byte_is_sent(server):
 
     assert_refused(response, 413, "Payload Too Large")
     assert took < 5
-    assert_healthy(server)
+    assert_healthy(module_server)
 
 
 def stream_body(sock: socket.socket, total: int, sent: list[int]) -> None:
@@ -206,9 +198,9 @@ def stream_body(sock: socket.socket, total: int, sent: list[int]) -> None:
         pass  # the server closed after its 413: the point
 
 
-def test_a_streamed_20_mib_body_is_cut_at_the_limit(server):
+def test_a_streamed_20_mib_body_is_cut_at_the_limit(module_server):
     sent = [0]
-    with connect(server) as sock:
+    with connect(module_server) as sock:
         sock.sendall(CHUNKED_POST)
         sender = threading.Thread(target=stream_body, args=(sock, 20 * MIB, sent), daemon=True)
         sender.start()
@@ -218,7 +210,7 @@ def test_a_streamed_20_mib_body_is_cut_at_the_limit(server):
     (response,) = parse(data)
     assert_refused(response, 413, "Payload Too Large")
     assert sent[0] < 20 * MIB  # refused mid-stream, not after reading it all
-    assert_healthy(server)
+    assert_healthy(module_server)
 
 
 @pytest.mark.parametrize(
@@ -238,23 +230,23 @@ def test_a_streamed_20_mib_body_is_cut_at_the_limit(server):
         ),
     ],
 )
-def test_a_stalled_body_is_408_after_the_body_timeout(server, request_bytes):
-    (response,), took = exchange(server, request_bytes)
+def test_a_stalled_body_is_408_after_the_body_timeout(module_server, request_bytes):
+    (response,), took = exchange(module_server, request_bytes)
 
     assert_refused(response, 408, "Request Timeout")
     assert BODY_TIMEOUT * 0.9 < took < BODY_TIMEOUT + 4
-    assert_healthy(server)
+    assert_healthy(module_server)
 
 
-def test_a_content_length_shorter_than_the_body_gives_flask_only_what_it_declared(server):
+def test_a_content_length_shorter_than_the_body_gives_flask_only_what_it_declared(module_server):
     # Flask reads the 2 declared bytes ({}); the rest is read as the next request: not HTTP.
     request = b"POST /admin/purge HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\n{}garbage\r\n\r\n"
 
-    first, second = exchange(server, request)[0]
+    first, second = exchange(module_server, request)[0]
 
     assert first.status == 404  # the admin endpoints are disabled here; the body never mattered
     assert second.status == 400 and second.body == b""  # h11: not a request line
-    assert_healthy(server)
+    assert_healthy(module_server)
 
 
 @pytest.mark.parametrize(
@@ -267,14 +259,14 @@ def test_a_content_length_shorter_than_the_body_gives_flask_only_what_it_declare
         pytest.param(b"Host: other\r\n", 400, id="two-host-headers"),
     ],
 )
-def test_malformed_framing_is_refused_by_h11(server, demo, framing, status):
+def test_malformed_framing_is_refused_by_h11(module_server, demo, framing, status):
     reset_demo(demo)
 
-    (response,), _ = exchange(server, AGGREGATE + framing + b"\r\n")
+    (response,), _ = exchange(module_server, AGGREGATE + framing + b"\r\n")
 
     assert response.status == status
     assert demo_stats(demo)["total_requests"] == 0
-    assert_healthy(server)
+    assert_healthy(module_server)
 
 
 # -- connections ---------------------------------------------------------------------------------
@@ -299,9 +291,9 @@ def wait_closed(sock: socket.socket, trickle: bool, closed: dict[int, float]) ->
     closed[sock.fileno()] = time.monotonic() - started
 
 
-def test_idle_and_slow_head_connections_are_closed_after_the_keep_alive_timeout(server):
+def test_idle_and_slow_head_connections_are_closed_after_the_keep_alive_timeout(module_server):
     keep_alive = Config.from_toml(ROOT / "hypercorn.toml").keep_alive_timeout
-    sockets = [connect(server) for _ in range(100)]
+    sockets = [connect(module_server) for _ in range(100)]
     closed: dict[int, float] = {}
     watchers = [
         threading.Thread(target=wait_closed, args=(s, i < 5, closed), daemon=True)
@@ -312,7 +304,7 @@ def test_idle_and_slow_head_connections_are_closed_after_the_keep_alive_timeout(
     try:
         time.sleep(0.5)
         started = time.monotonic()
-        assert_healthy(server)  # served while 100 sockets hang around
+        assert_healthy(module_server)  # served while 100 sockets hang around
         served_in = time.monotonic() - started
         for watcher in watchers:
             watcher.join(keep_alive + 10)
@@ -320,11 +312,11 @@ def test_idle_and_slow_head_connections_are_closed_after_the_keep_alive_timeout(
         for s in sockets:
             s.close()
 
-    assert len(closed) == 100, "the server kept some connections open"
+    assert len(closed) == 100, "the module_server kept some connections open"
     assert max(closed.values()) < keep_alive + 4  # trickling header bytes does not keep one
     assert min(closed.values()) > keep_alive * 0.8
     assert served_in < 3
-    assert_healthy(server)
+    assert_healthy(module_server)
 
 
 # -- the worker afterwards -----------------------------------------------------------------------
@@ -345,14 +337,14 @@ def peak_rss(process: psutil.Process) -> int:
     return int(line.split()[1]) * 1024
 
 
-def test_hostile_rounds_leave_the_worker_healthy_and_its_memory_bounded(server):
-    worker = worker_of(server)
-    assert_healthy(server)
+def test_hostile_rounds_leave_the_worker_healthy_and_its_memory_bounded(module_server):
+    worker = worker_of(module_server)
+    assert_healthy(module_server)
     before = peak_rss(worker)
     for _ in range(3):
         threads, sockets = [], []
         for _ in range(4):  # 4 x 20 MiB at once: buffering them would add 80 MiB at the peak
-            sock = connect(server)
+            sock = connect(module_server)
             sockets.append(sock)
             sock.sendall(CHUNKED_POST)
             sender = threading.Thread(target=stream_body, args=(sock, 20 * MIB, [0]), daemon=True)
@@ -360,20 +352,21 @@ def test_hostile_rounds_leave_the_worker_healthy_and_its_memory_bounded(server):
             threads += [sender, reader]
             sender.start()
             reader.start()
-        exchange(server, AGGREGATE + b"X-A: 1\r\n" * 1000 + b"\r\n")
-        exchange(server, AGGREGATE + b"X-Big: " + b"a" * 60 * 1024 + b"\r\n\r\n")
-        exchange(server, b"POST /admin/purge HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\n{")
+        exchange(module_server, AGGREGATE + b"X-A: 1\r\n" * 1000 + b"\r\n")
+        exchange(module_server, AGGREGATE + b"X-Big: " + b"a" * 60 * 1024 + b"\r\n\r\n")
+        exchange(
+            module_server, b"POST /admin/purge HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\n{"
+        )
         for thread in threads:
             thread.join(15)
         for sock in sockets:
             sock.close()
     grown = peak_rss(worker) - before
 
-    print(f"\nworker peak RSS grew {grown / MIB:.1f} MiB over 3 hostile rounds")
-    assert grown < 24 * MIB
-    assert_healthy(server)
-    assert worker.is_running() and worker_of(server).pid == worker.pid  # never restarted
-    assert "Traceback" not in server.log()
+    assert grown < 24 * MIB, f"worker peak RSS grew {grown / MIB:.1f} MiB over 3 hostile rounds"
+    assert_healthy(module_server)
+    assert worker.is_running() and worker_of(module_server).pid == worker.pid  # never restarted
+    assert "Traceback" not in module_server.log()
 
 
 # -- the limits as shipped -----------------------------------------------------------------------

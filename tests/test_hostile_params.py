@@ -18,7 +18,8 @@ import pytest
 from aggregator.config import MAX_PARAM_LENGTH
 from aggregator.demo.process import DemoProcess
 from aggregator.settings import Engine
-from tests.conftest import Server, reset_demo
+from tests.support.demo import reset_demo
+from tests.support.servers import Server
 
 pytestmark = pytest.mark.integration
 
@@ -177,11 +178,10 @@ def test_raw_non_ascii_or_line_breaks_in_the_request_line_are_refused_by_h11(
     write_config: Callable[[str], Path],
 ) -> None:
     server = serve(write_config(echo_config(demo)))
-    host, port = server.url.removeprefix("http://").split(":")
     reset_demo(demo)
     statuses = []
     for target in ("/api/echo?city=Zürich&topic=a", "/api/echo?city=a b&topic=a"):
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
+        with socket.create_connection(server.address, timeout=10) as sock:
             sock.sendall(f"GET {target} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
             statuses.append(sock.recv(1024).split(b" ")[1])
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import respx
 from pydantic import ValidationError
 
 from aggregator import create_asgi_app_or_exit, upstream
@@ -26,8 +27,8 @@ from aggregator.context import request_id
 from aggregator.demo.process import DemoProcess
 from aggregator.log import build_handler, configure_logging
 from aggregator.settings import Settings
-from tests.conftest import Server
-from tests.test_request_id import traced_config
+from tests.support.configs import traced_config
+from tests.support.servers import Server
 
 
 @pytest.fixture
@@ -178,13 +179,15 @@ def test_a_bad_log_setting_stops_start_up_with_its_name(
         Settings.model_validate({name.lower(): value})
 
 
+@pytest.mark.respx(base_url="http://upstream.test")
 async def test_upstream_call_lines_cost_nothing_when_debug_is_off(
-    demo: DemoProcess, monkeypatch: pytest.MonkeyPatch
+    respx_mock: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[Any] = []
     monkeypatch.setattr(upstream, "_log_call", lambda *args: calls.append(args))
+    respx_mock.get("/weather/Oslo").respond(json={"city": "Oslo"})
     config = parse_config(
-        f'[upstreams.w]\nurl = "{demo.url}/weather/Oslo"\n'
+        '[upstreams.w]\nurl = "http://upstream.test/weather/Oslo"\n'
         '[aggregates.a]\npath = "/a"\nsources = ["w"]\n',
         "t.toml",
     )
@@ -228,7 +231,9 @@ def _wait_for(server: Server, text: str) -> str:
 def test_json_debug_logs_of_a_real_server(
     demo: DemoProcess, write_config: Callable[[str], Path], serve: Callable[..., Server]
 ) -> None:
-    server = serve(write_config(traced_config(demo.url)), log_level="DEBUG", log_format="json")
+    # echo answers after 0.1 s, weather after 0.02 s: the logged call times must cover that.
+    config = write_config(traced_config(demo.url, delay=0.1))
+    server = serve(config, log_level="DEBUG", log_format="json")
     with httpx.Client(base_url=server.url, trust_env=False, timeout=10) as client:
         for path, rid, status in [
             ("/api/traced?city=Paris", "miss-1", 200),
@@ -252,7 +257,7 @@ def test_json_debug_logs_of_a_real_server(
         200,
         "MISS",
     )
-    assert miss["ms"] > 0 and miss["bytes"] > 0 and miss["client"] == "127.0.0.1"
+    assert miss["ms"] >= 100 and miss["bytes"] > 0 and miss["client"] == "127.0.0.1"
     assert lines["hit-2"]["cache"] == "HIT"  # the fast path before Flask logs too
     assert lines["pool-4"]["cache"] == "-"
 
@@ -270,7 +275,9 @@ def test_json_debug_logs_of_a_real_server(
     assert of("hit-2") == []  # answered from the cache
     assert of("retry-3") == [("flaky", n, "http_status", 503, "http_status") for n in (1, 2, 3)]
     assert of("pool-4") == of("miss-1")  # calls made in the sync twin's pool threads
-    assert all(r["ms"] >= 0 for r in calls)
+    least = {"echo": 100, "weather": 20, "flaky": 0}  # ms: each source's delay at the demo
+    took = [(r["source"], r["ms"]) for r in calls]
+    assert all(least[source] <= ms < least[source] + 5000 for source, ms in took), took
 
 
 @pytest.mark.integration

@@ -36,38 +36,14 @@ from aggregator.ops.warm.warmers import RunOptions
 from aggregator.resilience import BreakerState, CircuitBreaker
 from aggregator.serving import ASGIAdapter
 from aggregator.settings import Settings
-from tests.conftest import ROOT, Server, wait_healthy
+from tests.support.configs import METRICS_TOKEN as TOKEN
+from tests.support.configs import shop_config
+from tests.support.paths import ROOT
+from tests.support.servers import Server, wait_healthy
 
-TOKEN = "metrics-test-token-" + "x" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def shop_config(demo_url: str, *, delay: float = 0.0) -> str:
-    """`good` answers, `broken` always 503s and opens its breaker after two failures."""
-    return f"""
-[upstreams.good]
-url = "{demo_url}/profile/{{user_id}}?delay={delay}"
-timeout = 5.0
-cache_ttl = 0
-
-[upstreams.broken]
-url = "{demo_url}/weather/{{city}}?delay=0&status=503"
-timeout = 5.0
-cache_ttl = 0
-retries = 0
-breaker_failures = 2
-breaker_cooldown = 600
-
-[aggregates.shop]
-path = "/api/shop"
-sources = ["good", "broken"]
-required = ["good"]
-params = {{ city = "str", user_id = "int" }}
-cache_ttl = 60
-cache_partial_ttl = 60
-"""
 
 
 def scrape(url: str, token: str | None = TOKEN) -> Samples:

@@ -8,7 +8,7 @@ import tomllib
 
 from hypercorn.config import Config
 
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 
 def test_hypercorn_toml_holds_only_real_config_keys():

@@ -17,6 +17,9 @@ from aggregator.demo.process import DemoProcess, free_port
 from aggregator.ops import cli
 from aggregator.settings import Settings
 
+# The CLI's logging set-up would outlive CliRunner's stderr (conftest.no_log_handlers).
+pytestmark = pytest.mark.usefixtures("no_log_handlers")
+
 TOKEN = "s3cret-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PARIS = {"city": "Paris", "user_id": "7"}
@@ -58,12 +61,6 @@ sources = ["stocks", "profile"]
 cache_ttl = 60
 params = {{ user_id = "int" }}
 """
-
-
-@pytest.fixture(autouse=True)
-def no_log_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CLI configures logging once per process; here that would outlive CliRunner's stderr."""
-    monkeypatch.setattr("aggregator.ops.purge.configure_logging", lambda: None)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ case runs on both engines, and the blocking client of the sync twins behaves the
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -15,11 +15,11 @@ import pytest
 from aggregator.config import UpstreamConfig, parse_config
 from aggregator.context import request_id
 from aggregator.demo.process import DemoProcess, start_demo_process
-from aggregator.engines import build_client, build_sync_client
+from aggregator.engines import build_sync_client
 from aggregator.errors import ConfigError
-from aggregator.settings import Engine, Settings
+from aggregator.settings import Settings
 from aggregator.upstream import fetch, fetch_sync
-from tests.conftest import demo_stats, reset_demo
+from tests.support.demo import demo_stats, reset_demo
 
 pytestmark = pytest.mark.integration
 
@@ -33,13 +33,6 @@ def other() -> Iterator[DemoProcess]:
     """A second demo process: a different port is a different origin."""
     with start_demo_process(latency=0.0) as proc:
         yield proc
-
-
-@pytest.fixture(params=["aiohttp", "httpx"])
-async def client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
-    engine: Engine = request.param
-    async with build_client(Settings(engine=engine)) as own:
-        yield own
 
 
 def upstream(url: str, **extra: Any) -> UpstreamConfig:
@@ -60,13 +53,13 @@ def received(result: Any) -> dict[str, str]:
 
 @pytest.mark.parametrize("status", REDIRECTS)
 async def test_without_opt_in_a_redirect_is_http_status_and_not_followed(
-    client: httpx.AsyncClient, demo: DemoProcess, other: DemoProcess, status: int
+    engine_client: httpx.AsyncClient, demo: DemoProcess, other: DemoProcess, status: int
 ) -> None:
     reset_demo(other)
     location = f"{other.url}/echo/x"
 
     result = await fetch(
-        client, "r", upstream(moved(demo.url, location, status)), {}, max_body=10_000
+        engine_client, "r", upstream(moved(demo.url, location, status)), {}, max_body=10_000
     )
 
     assert (result.status, result.upstream_status) == ("http_status", status)
@@ -78,11 +71,11 @@ async def test_without_opt_in_a_redirect_is_http_status_and_not_followed(
 
 
 async def test_same_origin_hops_keep_the_source_headers(
-    client: httpx.AsyncClient, demo: DemoProcess
+    engine_client: httpx.AsyncClient, demo: DemoProcess
 ) -> None:
     config = upstream(moved(demo.url, "/echo/same?via=relative"), follow_redirects=True)
 
-    result = await fetch(client, "r", config, {}, max_body=10_000)
+    result = await fetch(engine_client, "r", config, {}, max_body=10_000)
 
     headers = received(result)
     assert result.data["path"] == "/echo/same"
@@ -92,11 +85,11 @@ async def test_same_origin_hops_keep_the_source_headers(
 
 @pytest.mark.parametrize("status", REDIRECTS)
 async def test_a_hop_to_another_origin_never_carries_the_source_headers(
-    client: httpx.AsyncClient, demo: DemoProcess, other: DemoProcess, status: int
+    engine_client: httpx.AsyncClient, demo: DemoProcess, other: DemoProcess, status: int
 ) -> None:
     config = upstream(moved(demo.url, f"{other.url}/echo/x", status), follow_redirects=True)
 
-    result = await fetch(client, "r", config, {}, max_body=10_000)
+    result = await fetch(engine_client, "r", config, {}, max_body=10_000)
 
     headers = received(result)
     assert result.data["path"] == "/echo/x"  # it did reach the other origin
@@ -105,13 +98,13 @@ async def test_a_hop_to_another_origin_never_carries_the_source_headers(
 
 
 async def test_a_request_id_still_crosses_origins(
-    client: httpx.AsyncClient, demo: DemoProcess, other: DemoProcess
+    engine_client: httpx.AsyncClient, demo: DemoProcess, other: DemoProcess
 ) -> None:
     config = upstream(moved(demo.url, f"{other.url}/echo/x"), follow_redirects=True)
 
     token = request_id.set("req-42")  # the id of the request this call is made for
     try:
-        result = await fetch(client, "r", config, {}, max_body=10_000)
+        result = await fetch(engine_client, "r", config, {}, max_body=10_000)
     finally:
         request_id.reset(token)
 
@@ -121,13 +114,13 @@ async def test_a_request_id_still_crosses_origins(
 
 
 async def test_headers_stay_dropped_when_the_chain_comes_back(
-    client: httpx.AsyncClient, demo: DemoProcess, other: DemoProcess
+    engine_client: httpx.AsyncClient, demo: DemoProcess, other: DemoProcess
 ) -> None:
     # A -> B -> A: B chose where the last hop goes, so A's credentials are not re-sent.
     back = moved(other.url, f"{demo.url}/echo/back")
     config = upstream(moved(demo.url, back), follow_redirects=True)
 
-    result = await fetch(client, "r", config, {}, max_body=10_000)
+    result = await fetch(engine_client, "r", config, {}, max_body=10_000)
 
     assert result.data["path"] == "/echo/back"
     assert "authorization" not in received(result)
@@ -143,11 +136,11 @@ async def test_headers_stay_dropped_when_the_chain_comes_back(
     ],
 )
 async def test_a_redirect_to_another_scheme_is_refused(
-    client: httpx.AsyncClient, demo: DemoProcess, location: str
+    engine_client: httpx.AsyncClient, demo: DemoProcess, location: str
 ) -> None:
     config = upstream(moved(demo.url, location), follow_redirects=True)
 
-    result = await fetch(client, "r", config, {}, max_body=10_000)
+    result = await fetch(engine_client, "r", config, {}, max_body=10_000)
 
     assert (result.status, result.upstream_status) == ("http_status", 302)
     assert result.detail == "answered HTTP 302 (a redirect to a non-HTTP(S) URL, refused)"
@@ -167,11 +160,11 @@ async def test_a_redirect_to_another_scheme_is_refused(
 )
 @pytest.mark.parametrize("follow", [False, True], ids=["refused", "followed"])
 async def test_a_malformed_location_is_a_result_never_an_exception(
-    client: httpx.AsyncClient, demo: DemoProcess, location: str, why: str, follow: bool
+    engine_client: httpx.AsyncClient, demo: DemoProcess, location: str, why: str, follow: bool
 ) -> None:
     config = upstream(moved(demo.url, location), follow_redirects=follow)
 
-    result = await fetch(client, "r", config, {}, max_body=10_000)
+    result = await fetch(engine_client, "r", config, {}, max_body=10_000)
 
     assert (result.status, result.upstream_status) == ("http_status", 302)
     if follow:
@@ -180,14 +173,14 @@ async def test_a_malformed_location_is_a_result_never_an_exception(
 
 @pytest.mark.parametrize(("hops", "allowed", "ok"), [(3, 3, True), (3, 2, False)])
 async def test_redirect_chains_are_bounded(
-    client: httpx.AsyncClient, demo: DemoProcess, hops: int, allowed: int, ok: bool
+    engine_client: httpx.AsyncClient, demo: DemoProcess, hops: int, allowed: int, ok: bool
 ) -> None:
     url = f"{demo.url}/echo/end"
     for _ in range(hops):
         url = moved(demo.url, url)
     config = upstream(url, follow_redirects=True, max_redirects=allowed)
 
-    result = await fetch(client, "r", config, {}, max_body=10_000)
+    result = await fetch(engine_client, "r", config, {}, max_body=10_000)
 
     if ok:
         assert result.data["path"] == "/echo/end"
@@ -197,12 +190,12 @@ async def test_redirect_chains_are_bounded(
 
 
 async def test_the_source_timeout_covers_the_whole_chain(
-    client: httpx.AsyncClient, demo: DemoProcess
+    engine_client: httpx.AsyncClient, demo: DemoProcess
 ) -> None:
     config = upstream(moved(demo.url, "/weather/Paris?delay=5"), follow_redirects=True, timeout=0.5)
     started = time.monotonic()
 
-    result = await fetch(client, "r", config, {}, max_body=10_000)
+    result = await fetch(engine_client, "r", config, {}, max_body=10_000)
 
     assert result.status == "timeout"
     assert time.monotonic() - started < 2.5

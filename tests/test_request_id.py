@@ -20,59 +20,11 @@ from aggregator.context import accept_request_id, read_request, request_id
 from aggregator.demo.process import DemoProcess, free_port
 from aggregator.serving import ASGIAdapter
 from aggregator.settings import Mode, Settings
-from tests.conftest import Server, reset_demo
+from tests.support.configs import traced_config
+from tests.support.demo import received, reset_demo
+from tests.support.servers import Server
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
-
-TRACED_CONFIG = """
-[upstreams.echo]
-url = "{demo}/echo/traced?delay={delay}"
-timeout = 3.0
-
-[upstreams.weather]
-url = "{demo}/weather/{{city}}?delay=0.02"
-timeout = 3.0
-schema = "aggregator.demo.models:Weather"
-
-[upstreams.flaky]
-url = "{demo}/profile/7?status=503"
-timeout = 3.0
-retries = 2
-retry_backoff = 0.01
-breaker_failures = 0
-
-[aggregates.traced]
-path = "/api/traced"
-sources = ["echo", "weather"]
-params = {{ city = "str" }}
-cache_ttl = 30
-
-[aggregates.flaky]
-path = "/api/flaky"
-sources = ["flaky"]
-"""
-
-
-def traced_config(demo_url: str, *, delay: float = 0.0) -> str:
-    return TRACED_CONFIG.format(demo=demo_url, delay=delay)
-
-
-#: Where each demo service lives (the demo records paths, not services).
-SERVICE_PATHS = {"echo": "/echo/", "weather": "/weather/", "profile": "/profile/"}
-
-
-def received(demo: DemoProcess, service: str | None = None) -> list[dict[str, Any]]:
-    """What the demo services received since the last reset, oldest first, with headers (the
-    demo's own endpoints left out)."""
-    listed: list[dict[str, Any]] = httpx.get(
-        f"{demo.url}/_requests?headers=1", trust_env=False
-    ).json()["requests"]
-    prefix = "/" if service is None else SERVICE_PATHS[service]
-    return [
-        r
-        for r in listed
-        if r["raw_path"].startswith(prefix) and not r["raw_path"].startswith(("/_", "/healthz"))
-    ]
 
 
 def ids_seen(demo: DemoProcess, service: str | None = None) -> list[str | None]:

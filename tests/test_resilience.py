@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from itertools import pairwise
 from typing import Any
 
@@ -14,7 +13,6 @@ import respx
 from tenacity import RetryCallState, Retrying
 
 from aggregator.config import UpstreamConfig, parse_config
-from aggregator.engines import build_client
 from aggregator.errors import ConfigError, UpstreamCircuitOpenError, UpstreamOverloadedError
 from aggregator.merge import merge
 from aggregator.models import SourceResult, SourceStatus
@@ -29,7 +27,6 @@ from aggregator.resilience import (
     is_upstream_failure,
     with_fallback,
 )
-from aggregator.settings import Settings
 from aggregator.upstream import fetch, fetch_sync
 
 BASE = "http://upstream.test"
@@ -470,12 +467,6 @@ sources = ["a", "b"]
 
 
 # -- through fetch, on a real httpx client (respx intercepts its transport) -----------------
-
-
-@pytest.fixture
-async def httpx_client() -> AsyncIterator[httpx.AsyncClient]:
-    async with build_client(Settings(engine="httpx")) as own:
-        yield own
 
 
 @pytest.mark.respx(base_url=BASE)

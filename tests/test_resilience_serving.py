@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from aggregator.demo.process import DemoProcess
-from tests.conftest import Server, demo_stats, reset_demo
+from tests.support.demo import demo_stats, reset_demo
+from tests.support.servers import Server
 
 pytestmark = pytest.mark.integration
 
@@ -84,12 +85,15 @@ params = {{ user_id = "int" }}
 
 
 @pytest.fixture
-def server(
-    demo: DemoProcess, serve: Callable[..., Server], write_config: Callable[[str], Path]
-) -> Server:
-    started = serve(write_config(resilience_config(demo.url)))
+def server_config(demo: DemoProcess, write_config: Callable[[str], Path]) -> Path:
+    """What conftest's `server` serves here."""
+    return write_config(resilience_config(demo.url))
+
+
+@pytest.fixture(autouse=True)
+def counted_from_zero(demo: DemoProcess, server: Server) -> None:
+    """Every test counts the demo's calls from when its server is up."""
     reset_demo(demo)
-    return started
 
 
 def calls(demo: DemoProcess, service: str) -> int:
@@ -119,9 +123,10 @@ async def test_a_dead_upstream_sees_at_most_1_2x_its_traffic(
     assert {r.status_code for r in responses} == {502}  # its only source failed
     assert {r.json()["errors"]["dead"]["kind"] for r in responses} == {"http_status"}
     seen = calls(demo, "weather")
-    print(f"dead upstream: {seen} calls for {requests} requests ({seen / requests:.2f}x)")
     # retries = 2 without a budget would be 3x (600); the budget allows 0.2 x calls + 3
-    assert requests + 3 <= seen <= 1.2 * requests + 3
+    assert requests + 3 <= seen <= 1.2 * requests + 3, (
+        f"dead upstream: {seen} calls for {requests} requests ({seen / requests:.2f}x)"
+    )
 
 
 def test_the_breaker_stops_calls_and_recovers_after_its_cooldown(
@@ -138,7 +143,7 @@ def test_the_breaker_stops_calls_and_recovers_after_its_cooldown(
     assert [status(1) for _ in range(5)] + [status(0)] == ["circuit_open"] * 6
     body = get(server, "/api/flaky?fail=1")
     assert body["errors"]["flaky"]["kind"] == "circuit_open"
-    assert body["sources"]["flaky"]["ms"] < 50
+    assert body["sources"]["flaky"]["ms"] < 250  # refused at once (a call would be a failure)
     assert calls(demo, "news") == 3
 
     # After the cool-down, one probe: it fails, so the breaker opens again at once.
@@ -174,12 +179,13 @@ async def test_the_bulkhead_fails_fast_without_slowing_a_fast_sibling(
     assert calls(demo, "stocks") == len(served) <= 2
     for seconds, body in refused:
         assert body["errors"]["slow"]["kind"] == "overloaded"
-        assert body["sources"]["slow"]["ms"] < 50  # refused at once, not queued
-        assert seconds < 1.0  # the answer did not wait for the 1.5 s calls
+        assert body["sources"]["slow"]["ms"] < 250  # refused at once, not queued for 1.5 s
+        assert seconds < 1.2  # the answer did not wait for the 1.5 s calls
     fast = [body["sources"]["fast"]["ms"] for _, body in answers]
-    print(f"fast sibling: {baseline} ms alone, {max(fast)} ms at most beside the overload")
     assert all(body["sources"]["fast"]["status"] == "ok" for _, body in answers)
-    assert max(fast) < baseline + 300
+    assert max(fast) < baseline + 300, (
+        f"fast sibling: {baseline} ms alone, {max(fast)} ms at most beside the overload"
+    )
 
     # The slots are back once the slow calls ended.
     recovered = get(server, "/api/pair?user_id=1&slow=0")

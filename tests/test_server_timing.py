@@ -11,7 +11,8 @@ import pytest
 from aggregator.cache import Caller
 from aggregator.cache.headers import Answer
 from aggregator.serving.fastpath import FastPath
-from tests.test_cache import P, headers, make_cache
+from tests.support.configs import cached_config
+from tests.support.fake_cache import P, headers, make_cache
 
 _ENTRY = re.compile(r'^([\w-]+)(?:;dur=([0-9.]+))?(?:;desc="([^"]*)")?$')
 
@@ -131,8 +132,6 @@ async def test_not_modified_carries_timing_too():
 def test_over_hypercorn_total_covers_the_slowest_source_and_hits_are_quick(
     serve, demo, write_config
 ):
-    from tests.test_cache_backends import cached_config
-
     server = serve(write_config(cached_config(demo.url, delay=0.1)))
     url = f"{server.url}/api/five?city=Paris&user_id=7"
     miss = httpx.get(url, trust_env=False, timeout=10)

@@ -15,7 +15,10 @@ import httpx
 import pytest
 
 from aggregator.demo.process import free_port
-from tests.conftest import ROOT, demo_stats, five_sources_config, reset_demo, wait_healthy
+from tests.support.configs import five_sources_config
+from tests.support.demo import demo_stats, reset_demo
+from tests.support.paths import ROOT
+from tests.support.servers import wait_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -43,10 +46,10 @@ async def test_50_concurrent_requests_take_the_time_of_one_and_share_one_pool(
     first, responses = await _burst(url, 50)
     second, more = await _burst(url, 50)
 
-    print(f"\n{mode}: 50 concurrent requests of 5 sources x 200 ms: {first:.2f} s, {second:.2f} s")
     assert all(r.status_code == 200 for r in responses + more)
     assert all(r.headers["x-aggregate-complete"] == "true" for r in responses + more)
-    assert first < 2.0 and second < 2.0  # serial: 50 x 0.2 s = 10 s
+    took = f"{mode}: 50 concurrent requests of 5 sources x 200 ms: {first:.2f} s, {second:.2f} s"
+    assert first < 2.0 and second < 2.0, took  # serial: 50 x 0.2 s = 10 s
     stats = demo_stats(demo)
     assert stats["total_requests"] == 500
     # One pooled client per worker: the second burst reuses the first burst's connections
@@ -197,13 +200,16 @@ def test_aggregator_serve_with_no_config_starts_the_demo(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log, timeout=30)
-        started = time.perf_counter()
         r = httpx.get(f"{url}/api/dashboard?{QUERY}", trust_env=False, timeout=10)
-        elapsed = time.perf_counter() - started
         assert r.status_code == 200, r.text
         assert r.json()["complete"] is True
         assert set(r.json()["data"]) == {"weather", "stocks", "news", "profile", "recommendations"}
-        assert elapsed < 0.7  # ~ the slowest source (0.25 s), not the sum (0.75 s)
+        # Timed once connections and imports are warm, for parameters nothing has cached.
+        started = time.perf_counter()
+        timed = httpx.get(f"{url}/api/dashboard?city=Lima&user_id=8", trust_env=False, timeout=10)
+        elapsed = time.perf_counter() - started
+        assert timed.status_code == 200 and timed.json()["complete"] is True, timed.text
+        assert elapsed < 0.7, elapsed  # ~ the slowest source (0.25 s), not the sum (0.75 s)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(20)

@@ -19,7 +19,9 @@ from aggregator.config import AggregateConfig, load_config
 from aggregator.demo.process import DemoProcess, free_port
 from aggregator.ops import cli
 from aggregator.ops import serve as ops_serve
-from tests.conftest import ROOT, demo_stats, reset_demo, wait_healthy
+from tests.support.demo import demo_stats, reset_demo
+from tests.support.paths import ROOT
+from tests.support.servers import wait_healthy
 
 SHIPPED = Config.from_toml(ROOT / "hypercorn.toml")
 
@@ -191,11 +193,11 @@ async def test_sigterm_lets_in_flight_fan_outs_finish(command, demo, write_confi
             late = exc
         answers = await asyncio.gather(*requests)
     exited = await asyncio.to_thread(_exit_within, popen, signalled, SHIPPED.graceful_timeout + 1)
-    print(f"\n{command}: exited {exited:.2f} s after SIGTERM; a new connection got {late!r}")
-    assert [r.status_code for r in answers] == [200] * 4
-    assert all(r.json()["complete"] for r in answers)
-    assert popen.returncode == 0
-    assert exited < SHIPPED.graceful_timeout + 1
+    seen = f"{command}: exited {exited:.2f} s after SIGTERM; a new connection got {late!r}"
+    assert [r.status_code for r in answers] == [200] * 4, seen
+    assert all(r.json()["complete"] for r in answers), seen
+    assert popen.returncode == 0, seen
+    assert exited < SHIPPED.graceful_timeout + 1, seen
     if command == "hypercorn-supervised":
         # The supervisor keeps the listening socket open until its worker exits: the kernel
         # accepts the connection, nobody answers it, and it is reset when the server exits.
@@ -225,9 +227,9 @@ async def test_requests_outlasting_graceful_timeout_are_cut_and_exit_is_bounded(
         signalled = time.perf_counter()
         exited = await asyncio.to_thread(_exit_within, popen, signalled, graceful + 1)
         cut = await request
-    print(f"\ngraceful_timeout {graceful:g} s, a 4 s fan-out in flight: exited {exited:.2f} s")
-    assert popen.returncode == 0
-    assert exited < graceful + 1
+    seen = f"graceful_timeout {graceful:g} s, a 4 s fan-out in flight: exited {exited:.2f} s"
+    assert popen.returncode == 0, seen
+    assert exited < graceful + 1, seen
     # Cut, but told so in the one error shape, retryable (not Hypercorn's empty 500).
     assert (cut.status_code, cut.headers["retry-after"]) == (503, "1")
     assert cut.json()["error"] == "Service Unavailable"

@@ -124,17 +124,18 @@ def test_short_soak_passes(monkeypatch):
     # Idle upstream connections close after 1 s instead of 5 s, so the quiet phases are short.
     monkeypatch.setenv("AGGREGATOR_POOL_KEEPALIVE_EXPIRY", "1")
     options = SoakOptions(duration=20, warmup=3, concurrency=32, interval=2)
-    result = soak.run_soak(options, print)
-    print("\n".join(soak.report(result)))
-    assert result.load is not None and result.load.requests > 500
-    assert result.load.partial > 0  # failures were injected and served as partial answers
-    assert result.upstream_calls > 5 * result.load.requests  # and some were retried
+    progress: list[str] = []
+    result = soak.run_soak(options, progress.append)
+    report = "\n".join([*progress, *soak.report(result)])
+    assert result.load is not None and result.load.requests > 500, report
+    assert result.load.partial > 0, report  # failures were injected, served as partial answers
+    assert result.upstream_calls > 5 * result.load.requests, report  # and some were retried
     assert result.checks == {
         "no unexpected answers": True,
         "no leaked file descriptors": True,
         "no leaked connections": True,
         "RSS growth under 10%": True,
-    }
+    }, report
 
 
 def test_soak_json_is_complete(tmp_path: Path) -> None:

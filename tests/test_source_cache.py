@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -29,7 +29,7 @@ from aggregator.merge import merge
 from aggregator.models import CacheControl, SourceResult
 from aggregator.settings import Settings
 from aggregator.upstream import fetch
-from tests.conftest import demo_stats, reset_demo
+from tests.support.demo import demo_stats, reset_demo
 
 BASE = "http://upstream.test"
 MAX_AGE_60 = "cc=max-age%3D60"
@@ -107,12 +107,6 @@ def test_cache_control_parsing(header: str | None, expected: CacheControl) -> No
 )
 def test_age_header_parsing(age: str | None, expected: float) -> None:
     assert parse_cache_control("max-age=60", age).age == expected
-
-
-@pytest.fixture
-async def httpx_client() -> AsyncIterator[httpx.AsyncClient]:
-    async with build_client(Settings(engine="httpx")) as own:
-        yield own
 
 
 @pytest.mark.respx(base_url=BASE)

@@ -15,8 +15,9 @@ from aggregator.demo.process import DemoProcess, free_port
 from aggregator.errors import StatusError
 from aggregator.ops import cli
 from aggregator.ops.status.client import Buckets, metrics_url, parse
-from tests.conftest import Server
-from tests.test_metrics import TOKEN, shop_config
+from tests.support.configs import METRICS_TOKEN as TOKEN
+from tests.support.configs import shop_config
+from tests.support.servers import Server
 
 TEXT = """\
 # TYPE aggregator_requests counter

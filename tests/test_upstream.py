@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import httpx
 import pytest
@@ -17,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
-from aggregator.config import UpstreamConfig, parse_config
+from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess
 from aggregator.engines import build_client
 from aggregator.settings import Engine, Settings
@@ -28,38 +26,12 @@ from aggregator.upstream import (
     open_shared_client,
     shared_client,
 )
+from tests.support.clients import ENGINES, closed_port, upstream
 
 BASE = "http://upstream.test"
 SECRET = "s3cr3t-T0KEN-value"
-ENGINES = [pytest.param("aiohttp", id="aiohttp"), pytest.param("httpx", id="httpx")]
 WEATHER = "aggregator.demo.models:Weather"
 STOCKS = "aggregator.demo.models:Stocks"
-
-
-def upstream(url: str, **extra: Any) -> UpstreamConfig:
-    return UpstreamConfig.model_validate({"url": url, **extra})
-
-
-@pytest.fixture(params=ENGINES)
-async def engine_client(request: pytest.FixtureRequest) -> AsyncIterator[httpx.AsyncClient]:
-    """A real client on each engine (the demo upstream is real, so respx is not involved)."""
-    async with build_client(Settings(engine=request.param)) as own:
-        yield own
-
-
-@pytest.fixture
-async def httpx_client() -> AsyncIterator[httpx.AsyncClient]:
-    """A client on the httpx engine, the one respx can intercept."""
-    async with build_client(Settings(engine="httpx")) as own:
-        yield own
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on: bound to learn it, then closed."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # --- failures against the real demo upstream, on both engines ----------------------------------
@@ -97,7 +69,7 @@ async def test_demo_failure_kinds(
     assert result.data is None
     assert not result.ok
     assert result.name == "src"
-    assert result.ms >= 0
+    assert result.ms < 5000  # a prompt answer, far from any timeout (timing: test_ms_is_...)
 
 
 @pytest.mark.integration
@@ -415,6 +387,28 @@ async def test_transport_exceptions_map_to_kinds(
     assert result.status == kind
     assert result.data is None
     assert result.detail
+
+
+@pytest.mark.respx(base_url=BASE)
+@pytest.mark.parametrize("status", [200, 503, None], ids=["ok", "http-503", "read-error"])
+async def test_ms_is_the_time_the_call_took(
+    respx_mock: respx.MockRouter, httpx_client: httpx.AsyncClient, status: int | None
+) -> None:
+    delay = 0.3
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(delay)
+        if status is None:
+            raise httpx.ReadError("connection reset", request=request)
+        return httpx.Response(status, json={})
+
+    respx_mock.get("/timed").mock(side_effect=slow)
+
+    result = await fetch(httpx_client, "t", upstream(f"{BASE}/timed", timeout=5.0), {}, max_body=99)
+
+    assert result.status == {200: "ok", 503: "http_status", None: "connect"}[status]
+    # At least the upstream's delay; the upper bound is generous for a busy machine.
+    assert delay * 1000 <= result.ms < delay * 1000 + 3000, result.ms
 
 
 @pytest.mark.respx(base_url=BASE)

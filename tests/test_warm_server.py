@@ -13,8 +13,8 @@ from aggregator.config import parse_config
 from aggregator.errors import CacheUnavailableError, ConfigError
 from aggregator.serving import AggregatorFlask
 from aggregator.settings import Settings
-from tests.conftest import five_sources_config
-from tests.test_cache import P, headers, make_cache
+from tests.support.configs import five_sources_config
+from tests.support.fake_cache import P, headers, make_cache
 
 
 async def test_warm_forces_a_refresh_of_a_fresh_entry():

@@ -1,6 +1,6 @@
 """A test-only ASGI app: the real one plus failures in every place a request can run code.
 
-Served by real Hypercorn (`serve(..., app="tests.crashing_app:create()")`) to prove that no
+Served by real Hypercorn (`serve(..., app="tests.support.crashing_app:create()")`) to prove that no
 traceback or exception text ever reaches a response body, whatever fails.
 """
 
