@@ -18,10 +18,10 @@ import respx
 
 from aggregator.config import UpstreamConfig
 from aggregator.demo.process import DemoProcess
-from aggregator.engines import build_client
-from aggregator.responses import MAX_JSON_DEPTH
 from aggregator.settings import Engine, Settings
 from aggregator.upstream import fetch
+from aggregator.upstream.checks import MAX_JSON_DEPTH
+from aggregator.upstream.engines import build_client
 
 BASE = "http://upstream.test"
 MIB = 1 << 20

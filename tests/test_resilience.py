@@ -14,7 +14,6 @@ import respx
 from tenacity import RetryCallState, Retrying
 
 from aggregator.config import UpstreamConfig, parse_config
-from aggregator.engines import build_client
 from aggregator.errors import ConfigError, UpstreamCircuitOpenError, UpstreamOverloadedError
 from aggregator.merge import merge
 from aggregator.models import SourceResult, SourceStatus
@@ -30,7 +29,9 @@ from aggregator.resilience import (
     with_fallback,
 )
 from aggregator.settings import Settings
-from aggregator.upstream import fetch, fetch_sync
+from aggregator.twins.upstream_sync import fetch_sync
+from aggregator.upstream import fetch
+from aggregator.upstream.engines import build_client
 
 BASE = "http://upstream.test"
 

@@ -19,7 +19,6 @@ from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
 from aggregator.config import UpstreamConfig, parse_config
 from aggregator.demo.process import DemoProcess
-from aggregator.engines import build_client
 from aggregator.settings import Engine, Settings
 from aggregator.upstream import (
     borrow_client,
@@ -28,6 +27,7 @@ from aggregator.upstream import (
     open_shared_client,
     shared_client,
 )
+from aggregator.upstream.engines import build_client
 
 BASE = "http://upstream.test"
 SECRET = "s3cr3t-T0KEN-value"

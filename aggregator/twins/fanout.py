@@ -18,7 +18,7 @@ from aggregator.config import AggregateConfig, AppConfig, ParamValue
 from aggregator.fanout import ms_since, past_deadline, with_fallbacks
 from aggregator.models import SourceResult
 from aggregator.resilience import Guards
-from aggregator.upstream import fetch_sync
+from aggregator.twins.upstream_sync import fetch_sync
 
 
 def fan_out_in_turn(
