@@ -20,10 +20,11 @@ from aggregator.bench.command import bench as bench_command
 from aggregator.bench.command import soak as soak_command
 from aggregator.cache import check_target, purge
 from aggregator.cache.backends import check_cache_settings
-from aggregator.config import AppConfig, ParamValue, load_config
+from aggregator.config import AppConfig, load_config
 from aggregator.engine import Engine
 from aggregator.errors import CacheUnavailableError, ConfigError, InvalidRequestError, WarmError
 from aggregator.log import configure_logging
+from aggregator.params import ParamValue
 from aggregator.settings import Settings
 
 DEMO_HOST = "127.0.0.1"

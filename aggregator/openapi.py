@@ -1,7 +1,7 @@
 """The OpenAPI 3.1 document, generated from the configured aggregates (pure: no I/O, no Flask).
 
 Dashboards get a contract that cannot drift from what is served: every aggregate path with its
-query parameters (types, defaults, required-ness and the limits `config.parse_value` enforces),
+query parameters (types, defaults, required-ness and the limits `params.parse_value` enforces),
 the envelope with each source's pydantic model under `data` (`model_json_schema` in
 serialization mode, as upstream payloads are dumped), the one error shape, and the health,
 readiness, status (with the dashboard page when it is on), admin and metrics routes. The sync
@@ -20,13 +20,14 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from aggregator.config import MAX_PARAM_LENGTH, AggregateConfig, AppConfig, ParamSpec
+from aggregator.config import AggregateConfig, AppConfig
 from aggregator.context import MAX_REQUEST_ID, REQUEST_ID_HEADER
 from aggregator.models import JSONDict, SourceError, SourceInfo
+from aggregator.params import MAX_PARAM_LENGTH, ParamSpec
 from aggregator.status import status_paths, status_schemas
 
 _REF = "#/components/schemas/{model}"
-#: `config.parse_value` accepts at most 18 digits.
+#: `params.parse_value` accepts at most 18 digits.
 _INT_LIMIT = 10**18 - 1
 _JSON = "application/json"
 _EMPTY: JSONDict = {"const": "", "description": "Empty: the default."}

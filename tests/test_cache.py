@@ -17,8 +17,9 @@ from aggregator.cache.backends import build_cache
 from aggregator.cache.entries import aggregate_key, canonical_params
 from aggregator.cache.service import Answer
 from aggregator.cache.store import CacheStore
-from aggregator.config import ParamValue, parse_config
+from aggregator.config import parse_config
 from aggregator.errors import CacheUnavailableError
+from aggregator.params import ParamValue
 from aggregator.settings import Settings
 from tests.conftest import demo_stats, reset_demo
 

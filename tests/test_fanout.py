@@ -11,9 +11,10 @@ import httpx
 import pytest
 from httpx_aiohttp import AiohttpTransport
 
-from aggregator.config import AppConfig, ParamValue, parse_config
+from aggregator.config import AppConfig, parse_config
 from aggregator.demo.process import DemoProcess
 from aggregator.fanout import fan_out
+from aggregator.params import ParamValue
 from aggregator.settings import Engine, Settings
 from aggregator.upstream.engines import build_client
 from tests.conftest import demo_stats, five_sources_config, reset_demo

@@ -32,10 +32,11 @@ from pydantic import ValidationError
 from aggregator.cache.entries import SourceEntry, decode_marker, source_key, source_marker
 from aggregator.cache.privacy import vary_digest
 from aggregator.cache.store import CacheStore
-from aggregator.config import AggregateConfig, AppConfig, ParamValue, UpstreamConfig
+from aggregator.config import AggregateConfig, AppConfig, UpstreamConfig
 from aggregator.context import forwarded
 from aggregator.errors import CacheUnavailableError
 from aggregator.models import CacheControl, SourceResult
+from aggregator.params import ParamValue
 
 logger = logging.getLogger(__name__)
 

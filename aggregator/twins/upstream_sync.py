@@ -16,10 +16,11 @@ from collections.abc import Mapping
 
 import httpx
 
-from aggregator.config import ParamValue, UpstreamConfig
+from aggregator.config import UpstreamConfig
 from aggregator.context import outgoing_headers
 from aggregator.errors import UpstreamError
 from aggregator.models import CacheControl, SourceResult
+from aggregator.params import ParamValue
 from aggregator.resilience import UpstreamGuard
 from aggregator.settings import Settings
 from aggregator.upstream.checks import Redirects, decode

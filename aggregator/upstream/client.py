@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from aggregator.config import ParamValue, UpstreamConfig
+from aggregator.config import UpstreamConfig
 from aggregator.context import outgoing_headers
 from aggregator.errors import (
     UpstreamError,
@@ -40,6 +40,7 @@ from aggregator.errors import (
     UpstreamUnavailableError,
 )
 from aggregator.models import CacheControl, SourceResult
+from aggregator.params import ParamValue
 from aggregator.resilience import UpstreamGuard
 from aggregator.settings import Settings
 from aggregator.upstream.cachecontrol import parse_cache_control
