@@ -23,11 +23,11 @@ from aggregator.resilience import (
     Guards,
     RetryBudget,
     UpstreamGuard,
-    _Backoff,
     is_retriable,
     is_upstream_failure,
     with_fallback,
 )
+from aggregator.resilience.retries import _Backoff
 from aggregator.settings import Settings
 from aggregator.twins.upstream_sync import fetch_sync
 from aggregator.upstream import fetch
