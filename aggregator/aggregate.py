@@ -14,10 +14,11 @@ from collections.abc import Mapping
 
 from aggregator.cache.results import Filled
 from aggregator.cache.sources import SourceCache
-from aggregator.config import AppConfig, ParamValue
+from aggregator.config import AppConfig
 from aggregator.fanout import fan_out
 from aggregator.merge import merge, server_timing
 from aggregator.metrics import Recorder
+from aggregator.params import ParamValue
 from aggregator.resilience import Guards
 from aggregator.settings import Settings
 from aggregator.upstream import borrow_client

@@ -4,12 +4,15 @@ Unknown keys are errors, not ignored: a typo such as `timout` would otherwise si
 default. `${VAR}` and `${VAR:-default}` in URLs and header values are expanded from the
 environment at load time; a missing variable stops start-up. Header values are secrets: no
 message built here ever includes them.
+
+One thing only, the file's shape and its validation (hence the length: one model per section,
+each with its rules); what a parameter value may be is `aggregator.params`, and which client
+headers may be forwarded is `aggregator.forwarding`, both applied here when the file loads.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import re
 import tomllib
@@ -17,7 +20,7 @@ from collections.abc import Mapping
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -29,48 +32,16 @@ from pydantic import (
     model_validator,
 )
 
+from aggregator import forwarding
+from aggregator import params as parameters
 from aggregator.errors import ConfigError, InvalidRequestError
+from aggregator.params import ParamSpec, ParamValue
 from aggregator.routes import RESERVED_PATHS, RESERVED_PREFIXES
 from aggregator.urltemplate import UrlTemplate
 
-ParamType = Literal["str", "int", "float", "bool"]
-ParamValue = str | int | float | bool
-
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
-_INT = re.compile(r"[+-]?[0-9]{1,18}")
-_FLOAT = re.compile(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|inf|infinity|nan)", re.I)
-MAX_PARAM_LENGTH = 1024
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-#: A forwardable header name: letters, digits and `-` (as `cache_vary`: WSGI reads `_` as `-`).
-_FORWARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-#: Client headers never forwarded upstream, with why: they describe the connection to us, frame
-#: or route our own request, are meant for us as the proxy, or ask about OUR answer (the client's
-#: caching and encoding), so an upstream seeing them would answer something we cannot use.
-NEVER_FORWARDED = {
-    "connection": "a hop-by-hop header",
-    "keep-alive": "a hop-by-hop header",
-    "proxy-connection": "a hop-by-hop header",
-    "te": "a hop-by-hop header",
-    "trailer": "a hop-by-hop header",
-    "transfer-encoding": "a hop-by-hop header",
-    "upgrade": "a hop-by-hop header",
-    "host": "set from the upstream's url",
-    "content-length": "set by the client for its own request",
-    "proxy-authorization": "credentials meant for this service as a proxy",
-    "accept-encoding": "the client's encodings are for our answer, not the upstream's",
-    "if-none-match": "conditional headers are about our answer, not the upstream's",
-    "if-modified-since": "conditional headers are about our answer, not the upstream's",
-    "if-match": "conditional headers are about our answer, not the upstream's",
-    "if-unmodified-since": "conditional headers are about our answer, not the upstream's",
-    "if-range": "conditional headers are about our answer, not the upstream's",
-    "range": "a partial body is not a usable answer",
-    "x-request-id": "always sent: the request's id (see README, Request ids)",
-}
-#: Client credentials: forwarded only with `forward_credentials = true` on that upstream.
-CREDENTIAL_HEADERS = frozenset({"authorization", "cookie"})
 
 
 def expand_env(value: str) -> str:
@@ -89,75 +60,9 @@ def expand_env(value: str) -> str:
     return _ENV_REF.sub(sub, value)
 
 
-def parse_value(kind: ParamType, raw: object) -> ParamValue:
-    """Convert a raw query-string (or TOML default) value to its declared type."""
-    if kind == "str":
-        if not isinstance(raw, str):
-            raise ValueError("must be a string")
-        if raw == "":
-            raise ValueError("must not be empty")
-        if len(raw) > MAX_PARAM_LENGTH:
-            raise ValueError(f"must be at most {MAX_PARAM_LENGTH} characters")
-        return raw
-    if kind == "bool":
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-        raise ValueError("must be a boolean (true/false, 1/0, yes/no, on/off)")
-    if isinstance(raw, bool):
-        raise ValueError(f"must be {'an integer' if kind == 'int' else 'a number'}")
-    if kind == "int":
-        if isinstance(raw, int):
-            return raw
-        text = str(raw).strip()
-        if not _INT.fullmatch(text):
-            raise ValueError("must be an integer")
-        return int(text)
-    if isinstance(raw, int | float):
-        number = float(raw)
-    else:
-        text = str(raw).strip()
-        if not _FLOAT.fullmatch(
-            text
-        ):  # float() alone would take "1_000", "nan" and non-ASCII digits
-            raise ValueError("must be a number")
-        number = float(text)
-    if not math.isfinite(number):
-        raise ValueError("must be a finite number")
-    return number
-
-
-def _query_text(field: str, value: object) -> str:
-    """A scalar as the query-string text a live request would carry."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        return repr(value)
-    raise InvalidRequestError(field, "must be a string, number or boolean")
-
-
 class _Strict(BaseModel):
     # strict: `timeout = "5"` is a mistake in a TOML file, not something to coerce quietly
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class ParamSpec(_Strict):
-    """One query parameter: its type and, when optional, its default."""
-
-    type: ParamType
-    default: ParamValue | None = None
-
-    @model_validator(mode="after")
-    def _coerce_default(self) -> ParamSpec:
-        if self.default is not None:
-            object.__setattr__(self, "default", parse_value(self.type, self.default))
-        return self
 
 
 class UpstreamConfig(_Strict):
@@ -226,32 +131,14 @@ class UpstreamConfig(_Strict):
     @field_validator("forward_headers", mode="after")
     @classmethod
     def _check_forwarded(cls, value: list[str]) -> list[str]:
-        seen: set[str] = set()
-        for name in value:
-            key = name.lower()
-            if not _FORWARD_NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not a header name (letters, digits and -)")
-            if key in NEVER_FORWARDED:
-                raise ValueError(f"{name} is never forwarded ({NEVER_FORWARDED[key]})")
-            if key in seen:
-                raise ValueError(f"{name} is listed twice")
-            seen.add(key)
+        forwarding.check_names(value)
         return value
 
     @model_validator(mode="after")
     def _check_forwarding(self) -> UpstreamConfig:
-        for name in self.forward_headers:
-            if name.lower() in CREDENTIAL_HEADERS and not self.forward_credentials:
-                raise ValueError(
-                    f"forward_headers: {name} carries the client's credentials; forwarding it "
-                    "needs forward_credentials = true on this upstream"
-                )
-        static = {name.lower() for name in self.headers}
-        clash = [name for name in self.forward_headers if name.lower() in static]
-        if clash:
-            raise ValueError(
-                f"forward_headers: {clash[0]} is also a configured header (one or the other)"
-            )
+        forwarding.check_upstream(
+            self.forward_headers, credentials=self.forward_credentials, static=self.headers
+        )
         return self
 
     @cached_property
@@ -344,39 +231,12 @@ class AggregateConfig(_Strict):
         return names
 
     def typed_params(self, raw: Mapping[str, object]) -> dict[str, ParamValue]:
-        """Values given outside a query string (JSON, TOML, `--param`), typed like one.
-
-        Unlike a live request, unknown names are errors here: a typo in an optional
-        parameter's name would otherwise silently act on its default's entry.
-        """
-        unknown = sorted(raw.keys() - self.params.keys())
-        if unknown:
-            known = ", ".join(self.params) or "none"
-            raise InvalidRequestError(unknown[0], f"unknown parameter (known: {known})")
-        return self.parse_params({name: [_query_text(name, v)] for name, v in raw.items()})
+        """Values given outside a query string (JSON, TOML, `--param`); unknown names are errors."""
+        return parameters.typed_params(self.params, raw)
 
     def parse_params(self, args: Mapping[str, list[str]]) -> dict[str, ParamValue]:
-        """Typed parameters from a query string; InvalidRequestError names the first bad one.
-
-        Unknown parameters are ignored (dashboards add cache-busters such as `_=1700000000`);
-        an empty value of an optional parameter means its default.
-        """
-        values: dict[str, ParamValue] = {}
-        for name, spec in self.params.items():
-            given = args.get(name)
-            if not given or (given == [""] and spec.default is not None):
-                # an empty value (`?topic=`, an unset dashboard filter) means "the default"
-                if spec.default is None:
-                    raise InvalidRequestError(name, f"required {spec.type} parameter is missing")
-                values[name] = spec.default
-                continue
-            if len(given) > 1:
-                raise InvalidRequestError(name, "given more than once")
-            try:
-                values[name] = parse_value(spec.type, given[0])
-            except ValueError as exc:
-                raise InvalidRequestError(name, str(exc)) from None
-        return values
+        """Typed parameters from a query string; unknown names are ignored."""
+        return parameters.parse_params(self.params, args)
 
 
 class AppConfig(_Strict):

@@ -29,8 +29,9 @@ from typing import Protocol
 
 import httpx
 
-from aggregator.config import AggregateConfig, AppConfig, ParamValue
+from aggregator.config import AggregateConfig, AppConfig
 from aggregator.models import SourceResult
+from aggregator.params import ParamValue
 from aggregator.resilience import Guards, with_fallback
 from aggregator.upstream import fetch
 

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     #: Threads for `def` views (loop mode) or for whole requests (threads mode).
     threads: int = Field(default=64, ge=1)
     #: The cyclic GC's generation-0 threshold in a serving process (Python's is 700), set with
-    #: start-up objects frozen once the lifespan has started (`runtime.tune_gc`: why); 0 keeps
+    #: start-up objects frozen once the lifespan has started (`gc_tuning.tune_gc`: why); 0 keeps
     #: Python's collector as it is.
     gc_threshold: int = Field(default=10_000, ge=0)
     #: Worker processes serving this config (`aggregator serve` sets it from --workers /

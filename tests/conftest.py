@@ -20,9 +20,9 @@ from flask.testing import FlaskClient
 
 from aggregator import create_app
 from aggregator.demo.process import DemoProcess, start_demo_process
-from aggregator.engines import build_client
 from aggregator.serving import AggregatorFlask
 from aggregator.settings import Engine, Settings
+from aggregator.upstream.engines import build_client
 from tests.support.clients import ENGINES
 from tests.support.configs import five_sources_config
 from tests.support.redis import PrivateRedis, shared_prefix
@@ -43,7 +43,7 @@ def clean_environ() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def untouched_collector() -> Iterator[None]:
-    """Undo the GC tuning a test's in-process server lifespan applies (runtime.tune_gc)."""
+    """Undo the GC tuning a test's in-process server lifespan applies (gc_tuning.tune_gc)."""
     threshold = gc.get_threshold()
     yield
     if gc.get_threshold() != threshold or gc.get_freeze_count():

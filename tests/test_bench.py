@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aggregator.bench import plan, report
-from aggregator.bench.load import run_load
+from aggregator.bench.load_tools import run_load
 from aggregator.bench.loadgen import NotLoopbackError, check_loopback, generate, percentile
 from aggregator.bench.plan import PlanError, Target, Workload, parse_target
 from aggregator.bench.report import OUTPUT_FILES, goals, summarize

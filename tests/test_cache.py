@@ -11,8 +11,9 @@ import pytest
 from aggregator import create_app, create_asgi_app
 from aggregator.cache import Caller, purge
 from aggregator.cache.entries import aggregate_key, canonical_params
-from aggregator.config import ParamValue, parse_config
+from aggregator.config import parse_config
 from aggregator.errors import CacheUnavailableError
+from aggregator.params import ParamValue
 from aggregator.settings import Settings
 from tests.support.demo import demo_stats, reset_demo
 from tests.support.fake_cache import CONFIG, P, headers, make_cache

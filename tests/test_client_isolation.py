@@ -8,9 +8,9 @@ import pytest
 from aiohttp import web
 
 from aggregator.config import UpstreamConfig
-from aggregator.engines import build_client
 from aggregator.settings import Engine, Settings
 from aggregator.upstream import fetch
+from aggregator.upstream.engines import build_client
 
 
 @pytest.fixture

@@ -10,11 +10,12 @@ import httpx
 import pytest
 from httpx_aiohttp import AiohttpTransport
 
-from aggregator.config import AppConfig, ParamValue, parse_config
+from aggregator.config import AppConfig, parse_config
 from aggregator.demo.process import DemoProcess
-from aggregator.engines import build_client
 from aggregator.fanout import fan_out
+from aggregator.params import ParamValue
 from aggregator.settings import Engine, Settings
+from aggregator.upstream.engines import build_client
 from tests.support.configs import five_sources_config
 from tests.support.demo import demo_stats, reset_demo
 

@@ -18,9 +18,10 @@ from pydantic import SecretStr
 from aggregator import create_app
 from aggregator.cache.entries import aggregate_key
 from aggregator.cache.privacy import caller_from_asgi
-from aggregator.config import NEVER_FORWARDED, parse_config
+from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess
 from aggregator.errors import ConfigError
+from aggregator.forwarding import NEVER_FORWARDED
 from aggregator.openapi import build_openapi
 from aggregator.settings import Settings
 from tests.support.demo import received, reset_demo

@@ -17,10 +17,10 @@ import pytest
 import respx
 
 from aggregator.demo.process import DemoProcess
-from aggregator.engines import build_client
-from aggregator.responses import MAX_JSON_DEPTH
 from aggregator.settings import Settings
 from aggregator.upstream import fetch
+from aggregator.upstream.checks import MAX_JSON_DEPTH
+from aggregator.upstream.engines import build_client
 from tests.support.clients import upstream
 
 BASE = "http://upstream.test"

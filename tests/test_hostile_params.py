@@ -15,8 +15,8 @@ from urllib.parse import parse_qs, unquote, urlencode
 import httpx
 import pytest
 
-from aggregator.config import MAX_PARAM_LENGTH
 from aggregator.demo.process import DemoProcess
+from aggregator.params import MAX_PARAM_LENGTH
 from aggregator.settings import Engine
 from tests.support.demo import reset_demo
 from tests.support.servers import Server

@@ -21,12 +21,13 @@ import pytest
 import respx
 from pydantic import ValidationError
 
-from aggregator import create_asgi_app_or_exit, upstream
+from aggregator import create_asgi_app_or_exit
 from aggregator.config import parse_config
 from aggregator.context import request_id
 from aggregator.demo.process import DemoProcess
 from aggregator.log import build_handler, configure_logging
 from aggregator.settings import Settings
+from aggregator.upstream import client as upstream
 from tests.support.configs import traced_config
 from tests.support.servers import Server
 

@@ -15,10 +15,11 @@ import pytest
 from aggregator.config import UpstreamConfig, parse_config
 from aggregator.context import request_id
 from aggregator.demo.process import DemoProcess, start_demo_process
-from aggregator.engines import build_sync_client
 from aggregator.errors import ConfigError
 from aggregator.settings import Settings
-from aggregator.upstream import fetch, fetch_sync
+from aggregator.twins.upstream_sync import fetch_sync
+from aggregator.upstream import fetch
+from aggregator.upstream.engines import build_sync_client
 from tests.support.demo import demo_stats, reset_demo
 
 pytestmark = pytest.mark.integration

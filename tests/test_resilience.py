@@ -22,12 +22,13 @@ from aggregator.resilience import (
     Guards,
     RetryBudget,
     UpstreamGuard,
-    _Backoff,
     is_retriable,
     is_upstream_failure,
     with_fallback,
 )
-from aggregator.upstream import fetch, fetch_sync
+from aggregator.resilience.retries import _Backoff
+from aggregator.twins.upstream_sync import fetch_sync
+from aggregator.upstream import fetch
 
 BASE = "http://upstream.test"
 

@@ -19,16 +19,17 @@ from aggregator.cache.backends import build_cache
 from aggregator.cache.entries import SourceEntry, source_key
 from aggregator.cache.sources import MAX_SOURCE_TTL, source_ttl
 from aggregator.cache.store import CacheStore
-from aggregator.cachecontrol import parse_cache_control
-from aggregator.config import AggregateConfig, AppConfig, ParamValue, UpstreamConfig, parse_config
+from aggregator.config import AggregateConfig, AppConfig, UpstreamConfig, parse_config
 from aggregator.demo.process import DemoProcess
 from aggregator.engine import engine_of
-from aggregator.engines import build_client
 from aggregator.fanout import fan_out
 from aggregator.merge import merge
 from aggregator.models import CacheControl, SourceResult
+from aggregator.params import ParamValue
 from aggregator.settings import Settings
 from aggregator.upstream import fetch
+from aggregator.upstream.cachecontrol import parse_cache_control
+from aggregator.upstream.engines import build_client
 from tests.support.demo import demo_stats, reset_demo
 
 BASE = "http://upstream.test"

@@ -17,11 +17,11 @@ from flask.testing import FlaskClient
 from aggregator import create_app, create_asgi_app
 from aggregator.config import UpstreamConfig
 from aggregator.demo.process import DemoProcess
-from aggregator.engines import build_sync_client
 from aggregator.serving import AggregatorFlask
 from aggregator.settings import Settings
 from aggregator.twins import SyncTwins, twins_of
-from aggregator.upstream import fetch_sync
+from aggregator.twins.upstream_sync import fetch_sync
+from aggregator.upstream.engines import build_sync_client
 from tests.support.clients import closed_port
 from tests.support.demo import demo_stats, reset_demo
 

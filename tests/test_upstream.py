@@ -17,7 +17,6 @@ from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
 from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess
-from aggregator.engines import build_client
 from aggregator.settings import Engine, Settings
 from aggregator.upstream import (
     borrow_client,
@@ -26,6 +25,7 @@ from aggregator.upstream import (
     open_shared_client,
     shared_client,
 )
+from aggregator.upstream.engines import build_client
 from tests.support.clients import ENGINES, closed_port, upstream
 
 BASE = "http://upstream.test"

@@ -14,7 +14,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from aggregator.bench.load import LoadError, Tool, wrk_available
+from aggregator.bench.load_tools import LoadError, Tool, wrk_available
 from aggregator.bench.plan import DEFAULT_TARGETS, PlanError, Target, Workload, parse_target
 from aggregator.bench.report import print_table, summarize, write_outputs
 from aggregator.bench.runner import Options, compare_generators, run_bench

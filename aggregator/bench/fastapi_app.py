@@ -20,13 +20,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from aggregator.config import AppConfig, load_config
-from aggregator.engines import build_client
 from aggregator.errors import InvalidRequestError
 from aggregator.fanout import fan_out
+from aggregator.gc_tuning import tune_gc
 from aggregator.merge import merge, server_timing
 from aggregator.resilience import Guards
-from aggregator.runtime import tune_gc
 from aggregator.settings import Settings
+from aggregator.upstream.engines import build_client
 
 
 def create_reference_app(settings: Settings | None = None) -> FastAPI:

@@ -16,7 +16,7 @@ A target is written `SERVER:VIEW[:ENGINE][+FLAG...]`, e.g. `loop:async:aiohttp`,
 - `+asyncio` / `+uvloop`: the event loop of an async server (Hypercorn's worker class, uvicorn's
   `--loop`); without it each server runs on its own default (uvloop when installed);
 - `+gc` / `+pygc`: the garbage collector. Our Hypercorn servers ship aggregator's GC tuning
-  (`AGGREGATOR_GC_THRESHOLD`, see `aggregator.runtime`); `+pygc` runs them on Python's defaults
+  (`AGGREGATOR_GC_THRESHOLD`, see `aggregator.gc_tuning`); `+pygc` runs them on Python's defaults
   to show what it is worth. The FastAPI reference runs on Python's defaults, as its users would;
   `+gc` gives it the same tuning, so a comparison can separate framework from GC.
 """

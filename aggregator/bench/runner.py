@@ -9,153 +9,20 @@ still be queued in a serial server) before the next one starts.
 from __future__ import annotations
 
 import contextlib
-import http.client
-import importlib.metadata
-import json
-import os
-import platform
-import shutil
-import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from aggregator.bench.load import Tool, run_load
+from aggregator.bench.demo_control import DRAIN_TIMEOUT, demo_call, settle
+from aggregator.bench.load_tools import run_load
 from aggregator.bench.loadgen import LoadResult
+from aggregator.bench.machine import machine_info
 from aggregator.bench.plan import Target, Workload
-from aggregator.bench.servers import PeakRss, ServerProcess, passed_settings
+from aggregator.bench.results import BenchResult, Options, Run
+from aggregator.bench.servers import PeakRss, ServerProcess
 from aggregator.demo.process import DemoProcess, start_demo_process
 
 Progress = Callable[[str], None]
-DRAIN_TIMEOUT = 60.0
-_VERSIONS = (
-    "flask",
-    "hypercorn",
-    "asgiref",
-    "httpx",
-    "httpx-aiohttp",
-    "aiohttp",
-    "pydantic",
-    "fastapi",
-    "uvicorn",
-    "uvloop",
-    "gunicorn",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    """How to load each target."""
-
-    targets: tuple[Target, ...]
-    workload: Workload
-    levels: tuple[int, ...] = (1, 16, 64, 256)
-    duration: float = 5.0
-    requests: int | None = None
-    reps: int = 3
-    warmup: float = 2.0
-    tool: Tool = "wrk"
-    threads: int = 64
-    timeout: float = 10.0
-
-
-@dataclass(slots=True)
-class Run:
-    """One measured load run of one target at one concurrency."""
-
-    target: str
-    concurrency: int
-    rep: int
-    tool: str
-    rps: float
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    requests: int
-    errors: int
-    incomplete: int
-    partial: int
-    server_cpu_s: float
-    generator_cpu_s: float
-    generator_saturated: bool
-    peak_rss_mb: float
-    upstream_calls: int
-    drained: bool
-
-    @property
-    def error_rate(self) -> float:
-        """Errors over attempts: answers plus requests that never got one (timeouts, resets)."""
-        attempts = self.requests + self.incomplete
-        return self.errors / attempts if attempts else 1.0
-
-    @property
-    def cpu_ms_per_request(self) -> float:
-        """Server CPU per completed request."""
-        return self.server_cpu_s * 1000 / self.requests if self.requests else float("nan")
-
-    @property
-    def upstream_calls_per_request(self) -> float:
-        """Upstream calls per request started (0 for cache hits).
-
-        A closed-loop generator stops with one request in flight on each of its C connections;
-        their calls were made too, so they count as started.
-        """
-        started = self.requests + self.incomplete + self.concurrency
-        return self.upstream_calls / started
-
-
-@dataclass(slots=True)
-class BenchResult:
-    """Everything a report needs: the setting, the runs, and what was skipped or noticed."""
-
-    options: Options
-    machine: dict[str, Any]
-    runs: list[Run] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view (targets by name)."""
-        options = asdict(self.options)
-        options["targets"] = [t.name for t in self.options.targets]
-        runs = []
-        for run in self.runs:
-            row = asdict(run)
-            row["error_rate"] = run.error_rate
-            row["cpu_ms_per_request"] = run.cpu_ms_per_request
-            row["upstream_calls_per_request"] = run.upstream_calls_per_request
-            runs.append(row)
-        return {"machine": self.machine, "options": options, "runs": runs, "notes": self.notes}
-
-
-def machine_info(tool: Tool) -> dict[str, Any]:
-    """Cores, CPU model, OS, Python and the versions of every part in the comparison."""
-    versions: dict[str, str] = {}
-    for name in _VERSIONS:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    if shutil.which("wrk"):
-        probe = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
-        versions["wrk"] = (probe.stdout or probe.stderr).split(" [")[0].removeprefix("wrk ")
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cores": os.cpu_count(),
-        "cpu": model or platform.processor(),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "load_generator": tool,
-        "versions": versions,
-        "settings": passed_settings(),
-    }
 
 
 @contextlib.contextmanager
@@ -230,14 +97,14 @@ def _warm_up(
             options.warmup,
             timeout=options.timeout,
         )
-        if not _settle(server, demo):
+        if not settle(server, demo):
             result.notes.append(f"{name}: still busy {DRAIN_TIMEOUT:g} s after the warm-up")
 
 
 def _measure(
     options: Options, server: ServerProcess, demo: DemoProcess, level: int, rep: int
 ) -> Run:
-    _demo_call(demo, "POST", "/_reset")
+    demo_call(demo, "POST", "/_reset")
     cpu_before = server.cpu_seconds()
     with PeakRss(server) as rss:
         load: LoadResult = run_load(
@@ -250,8 +117,8 @@ def _measure(
             count_partial=options.workload.failure_rate > 0,
         )
     cpu = server.cpu_seconds() - cpu_before
-    calls = int(_demo_call(demo, "GET", "/_stats")["total_requests"])
-    drained = _settle(server, demo)
+    calls = int(demo_call(demo, "GET", "/_stats")["total_requests"])
+    drained = settle(server, demo)
     return Run(
         target=server.target.name,
         concurrency=level,
@@ -272,36 +139,6 @@ def _measure(
         upstream_calls=calls,
         drained=drained,
     )
-
-
-def _settle(server: ServerProcess, demo: DemoProcess) -> bool:
-    """Wait until the server answers promptly and no upstream call is in flight.
-
-    Requests the generator abandoned may still be queued (serial mode) or running in threads
-    (the sync twins); their upstream calls would load the shared demo during the next run.
-    """
-    deadline = time.monotonic() + DRAIN_TIMEOUT
-    quiet = 0
-    while time.monotonic() < deadline:
-        if _demo_call(demo, "GET", "/_stats")["in_flight"] == 0:
-            quiet += 1
-            if quiet >= 3:
-                return server.drain(max(0.1, deadline - time.monotonic()))
-        else:
-            quiet = 0
-        time.sleep(0.1)
-    return False
-
-
-def _demo_call(demo: DemoProcess, method: str, path: str) -> dict[str, Any]:
-    conn = http.client.HTTPConnection(demo.host, demo.port, timeout=10)
-    try:
-        conn.request(method, path)
-        body = conn.getresponse().read()
-    finally:
-        conn.close()
-    parsed: dict[str, Any] = json.loads(body) if body else {}
-    return parsed
 
 
 def _describe(run: Run, reps: int) -> str:

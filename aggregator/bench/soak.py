@@ -33,10 +33,12 @@ from typing import Any
 
 import psutil
 
-from aggregator.bench.load import run_load
+from aggregator.bench.demo_control import demo_call, settle
+from aggregator.bench.load_tools import run_load
 from aggregator.bench.loadgen import LoadResult
+from aggregator.bench.machine import machine_info
 from aggregator.bench.plan import Target, Workload
-from aggregator.bench.runner import Progress, _demo_call, _settle, machine_info
+from aggregator.bench.runner import Progress
 from aggregator.bench.servers import ServerProcess
 from aggregator.demo.process import DemoProcess, start_demo_process
 
@@ -146,7 +148,7 @@ def _tcp_connections(proc: psutil.Process) -> int:
 
 def snapshot(worker: psutil.Process, demo: DemoProcess) -> Snapshot:
     """Look at the idle worker and the demo."""
-    stats = _demo_call(demo, "GET", "/_stats")
+    stats = demo_call(demo, "GET", "/_stats")
     return Snapshot(
         fds=worker.num_fds(),
         connections=_tcp_connections(worker),
@@ -159,9 +161,9 @@ def snapshot(worker: psutil.Process, demo: DemoProcess) -> Snapshot:
 def _quiet(server: ServerProcess, worker: psutil.Process, demo: DemoProcess) -> None:
     """Let in-flight work end and idle connections close (up to SETTLE_S; a leak stays)."""
     until = time.monotonic() + SETTLE_S
-    _settle(server, demo)
+    settle(server, demo)
     while time.monotonic() < until:
-        open_ = _demo_call(demo, "GET", "/_stats")["open_connections"]
+        open_ = demo_call(demo, "GET", "/_stats")["open_connections"]
         if _tcp_connections(worker) == 0 and open_ == 0:
             return
         time.sleep(0.2)
@@ -223,7 +225,7 @@ def _phases(
     result.warmup = load(options.warmup)
     _quiet(server, worker, demo)
     result.before = snapshot(worker, demo)
-    _demo_call(demo, "POST", "/_reset")
+    demo_call(demo, "POST", "/_reset")
     progress(f"soak: {options.duration:g} s at c={options.concurrency}")
     cpu = server.cpu_seconds()
     started = time.monotonic()
@@ -238,7 +240,7 @@ def _phases(
                 continue
     result.samples.append(_sample(worker, started))  # at the end of the load
     result.server_cpu_s = server.cpu_seconds() - cpu
-    result.upstream_calls = int(_demo_call(demo, "GET", "/_stats")["total_requests"])
+    result.upstream_calls = int(demo_call(demo, "GET", "/_stats")["total_requests"])
     _quiet(server, worker, demo)
     result.after = snapshot(worker, demo)
 

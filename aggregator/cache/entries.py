@@ -24,8 +24,9 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from aggregator.config import AggregateConfig, ParamValue
+from aggregator.config import AggregateConfig
 from aggregator.models import Envelope
+from aggregator.params import ParamValue
 from aggregator.urltemplate import format_value
 
 FORMAT: Literal[1] = 1

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 
 from aggregator.cache.entries import aggregate_key, aggregate_marker, encode_marker, source_marker
 from aggregator.cache.service import AggregateCache
-from aggregator.config import AppConfig, ParamValue
+from aggregator.config import AppConfig
 from aggregator.errors import UnknownTargetError
+from aggregator.params import ParamValue
 
 #: Markers outlive every entry they invalidate (the longest window we accept is 7 days).
 _MARKER_TIMEOUT = 8 * 86_400

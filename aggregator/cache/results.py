@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 
 from aggregator.cache.entries import AggregateEntry
 from aggregator.cache.privacy import ANONYMOUS, Caller
-from aggregator.config import ParamValue
+from aggregator.params import ParamValue
 
 State = Literal["fresh", "stale", "stale_if_error", "expired", "miss", "bypass", "off"]
 

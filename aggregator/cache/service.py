@@ -46,10 +46,11 @@ from aggregator.cache.near import NearCache
 from aggregator.cache.privacy import ANONYMOUS, Caller, caller_from_asgi
 from aggregator.cache.results import Fill, Filled, Lookup, WarmResult
 from aggregator.cache.store import CacheStore
-from aggregator.config import AppConfig, ParamValue
+from aggregator.config import AppConfig
 from aggregator.context import request_id
 from aggregator.errors import CacheUnavailableError
 from aggregator.metrics import OFF, Recorder
+from aggregator.params import ParamValue
 from aggregator.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -11,11 +11,11 @@ validated payloads are stored.
 A fan-out reads every source entry of its aggregate, and the purge markers of their upstreams,
 in ONE `get_many`. An upstream without `cache_ttl` is looked up only once this process has seen
 it answer with a cacheable `Cache-Control`: most APIs never send one, and asking the cache for
-their entries cost a noticeable share of an uncached fan-out's CPU for nothing (py-spy). The price is one
-upstream call per process and upstream after start-up that another process's entry could have
-answered; the answer then stores its own entry and later lookups find it. Each payload is
-re-validated through its upstream's model on the way out, and anything unreadable, expired or
-older than its upstream's purge marker is a miss. A sick backend
+their entries cost a noticeable share of an uncached fan-out's CPU for nothing (py-spy). The
+price is one upstream call per process and upstream after start-up that another process's entry
+could have answered; the answer then stores its own entry and later lookups find it. Each
+payload is re-validated through its upstream's model on the way out, and anything unreadable,
+expired or older than its upstream's purge marker is a miss. A sick backend
 (`CacheUnavailableError`) only means no source caching for that request.
 """
 
@@ -32,10 +32,11 @@ from pydantic import ValidationError
 from aggregator.cache.entries import SourceEntry, decode_marker, source_key, source_marker
 from aggregator.cache.privacy import vary_digest
 from aggregator.cache.store import CacheStore
-from aggregator.config import AggregateConfig, AppConfig, ParamValue, UpstreamConfig
+from aggregator.config import AggregateConfig, AppConfig, UpstreamConfig
 from aggregator.context import forwarded
 from aggregator.errors import CacheUnavailableError
 from aggregator.models import CacheControl, SourceResult
+from aggregator.params import ParamValue
 
 logger = logging.getLogger(__name__)
 

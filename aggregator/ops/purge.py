@@ -13,10 +13,11 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
-from aggregator.config import AppConfig, ParamValue, load_config
+from aggregator.config import AppConfig, load_config
 from aggregator.errors import CacheUnavailableError, ConfigError, InvalidRequestError
 from aggregator.log import configure_logging
 from aggregator.ops.options import config_option, key_values_callback
+from aggregator.params import ParamValue
 from aggregator.settings import Settings
 
 

@@ -50,9 +50,9 @@ from asgiref.wsgi import WsgiToAsgi, WsgiToAsgiInstance
 from aggregator.cache import Lookup, looked_up
 from aggregator.context import forwarded, read_request, request_id
 from aggregator.engine import engine_of
+from aggregator.gc_tuning import tune_gc
 from aggregator.metrics import CLIENT_LEFT
 from aggregator.routes import ALWAYS_ANSWERED
-from aggregator.runtime import tune_gc
 from aggregator.serving import limits
 from aggregator.serving.access import Stamped, access_logger, log_access
 from aggregator.serving.answers import CUT_ANSWER, FastAnswer, overload_answer, send_answer

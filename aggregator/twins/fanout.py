@@ -14,11 +14,12 @@ from concurrent.futures import Executor
 
 import httpx
 
-from aggregator.config import AggregateConfig, AppConfig, ParamValue
+from aggregator.config import AggregateConfig, AppConfig
 from aggregator.fanout import ms_since, past_deadline, with_fallbacks
 from aggregator.models import SourceResult
+from aggregator.params import ParamValue
 from aggregator.resilience import Guards
-from aggregator.upstream import fetch_sync
+from aggregator.twins.upstream_sync import fetch_sync
 
 
 def fan_out_in_turn(

@@ -23,7 +23,7 @@ from aggregator.merge import merge, server_timing
 from aggregator.routes import SYNC_POOL_PREFIX, SYNC_PREFIX
 from aggregator.settings import Settings
 from aggregator.twins.fanout import fan_out_in_turn, fan_out_threads
-from aggregator.upstream import SyncClient
+from aggregator.twins.upstream_sync import SyncClient
 
 
 class SyncTwins:

@@ -22,10 +22,11 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from aggregator.cache import check_target, purge
-from aggregator.config import AggregateConfig, ParamType, ParamValue
+from aggregator.config import AggregateConfig
 from aggregator.context import NO_HEADERS, forwarded
 from aggregator.engine import current_engine
 from aggregator.errors import CacheUnavailableError, InvalidRequestError
+from aggregator.params import ParamType, ParamValue
 from aggregator.routes import ADMIN_PREFIX
 from aggregator.views.errors import error_response
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 
 from aggregator.engine import current_engine
-from aggregator.engines import pool_usage
 from aggregator.errors import CacheUnavailableError
 from aggregator.routes import HEALTHZ, READYZ
 from aggregator.upstream import shared_client
+from aggregator.upstream.engines import pool_usage
 from aggregator.views.errors import error_response
 
 bp = Blueprint("health", __name__)

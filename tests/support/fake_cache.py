@@ -14,7 +14,8 @@ from aggregator.cache import AggregateCache, Filled
 from aggregator.cache.backends import build_cache
 from aggregator.cache.headers import Answer
 from aggregator.cache.store import CacheStore
-from aggregator.config import ParamValue, parse_config
+from aggregator.config import parse_config
+from aggregator.params import ParamValue
 from aggregator.settings import Settings
 
 CONFIG = """

@@ -7,7 +7,7 @@ text a scraper reads (parsed with prometheus_client's parser), so the view and t
 agree. Percentiles are estimated from histogram buckets the way PromQL's `histogram_quantile`
 does (linear within the bucket). Watching, each view after the first covers only the interval
 since the previous scrape (a counter that went backwards, i.e. a restart, shows totals again).
-The command and its tables are in `status_command`.
+The command and its tables are in `ops.status.command`.
 """
 
 from __future__ import annotations

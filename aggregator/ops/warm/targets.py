@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
-from aggregator.config import AggregateConfig, AppConfig, ParamValue
+from aggregator.config import AggregateConfig, AppConfig
 from aggregator.errors import InvalidRequestError, TargetError
+from aggregator.params import ParamValue
 
 _TARGET_KEYS = ("aggregate", "params")
 

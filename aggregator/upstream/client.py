@@ -1,7 +1,7 @@
-"""The one place that knows httpx: the shared client, its engine, and one upstream call.
+"""The async upstream call and the shared client it runs on: the one place that calls httpx.
 
 One `httpx.AsyncClient` per worker process, opened on the server loop at lifespan startup
-(DESIGN §1: a client per request costs ~38 ms CPU for its TLS context and loses keep-alive).
+(DESIGN §1: a client per request costs far more CPU for its TLS context and loses keep-alive).
 Code that runs without a server loop (Flask's test client, the CLI) gets a short-lived client
 for its own loop instead: clients are looked up per running loop, never assumed.
 
@@ -9,22 +9,19 @@ for its own loop instead: clients are looked up per running loop, never assumed.
 source cannot cancel its siblings. httpx has no total-time timeout (a slowly dripping body
 outlives `timeout=`), so the whole call runs under `asyncio.timeout`.
 
-`fetch_sync` is the same call for plain `def` views (the sync twins, a benchmark comparison) on
-one lazily built `httpx.Client` per worker (`SyncClient`). Both share every step that does not
-wait (redirects, status and type checks, decoded size limit, JSON, validation: all in
-`aggregator.responses`; error translation here), so a failure maps to the same kind whichever
-style made the call.
+The sync twins' blocking call (`aggregator.twins.upstream_sync`) reuses every step here that
+does not wait (error translation, result building, the DEBUG line) and those in
+`aggregator.upstream.checks`, so a failure maps to the same kind whichever style made the call.
 
 A successful result also carries what the upstream said about caching it (`Cache-Control` and
-`Age`, parsed by `parse_cache_control`); what that means for how long to keep it is decided in
-the cache package, not here.
+`Age`, parsed by `aggregator.upstream.cachecontrol`); what that means for how long to keep it is
+decided in the cache package, not here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Mapping
@@ -34,10 +31,8 @@ from typing import Any
 import aiohttp
 import httpx
 
-from aggregator.cachecontrol import parse_cache_control
-from aggregator.config import ParamValue, UpstreamConfig
+from aggregator.config import UpstreamConfig
 from aggregator.context import outgoing_headers
-from aggregator.engines import build_client, build_sync_client
 from aggregator.errors import (
     UpstreamError,
     UpstreamInvalidPayloadError,
@@ -45,19 +40,22 @@ from aggregator.errors import (
     UpstreamUnavailableError,
 )
 from aggregator.models import CacheControl, SourceResult
+from aggregator.params import ParamValue
 from aggregator.resilience import UpstreamGuard
-from aggregator.responses import (
+from aggregator.settings import Settings
+from aggregator.upstream.cachecontrol import parse_cache_control
+from aggregator.upstream.checks import (
     LimitedBody,
     Redirects,
     check_content_type,
     check_status,
     decode,
 )
-from aggregator.settings import Settings
+from aggregator.upstream.engines import build_client
 
-logger = logging.getLogger(__name__)
+# The module's old name: log configurations and the README's examples name this logger.
+logger = logging.getLogger("aggregator.upstream")
 
-#: One list element of a header: quoted strings may hold commas (RFC 9110 §5.6.1).
 # Clients opened by the ASGI lifespan, keyed by the loop they live on.
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
     weakref.WeakKeyDictionary()
@@ -143,82 +141,6 @@ async def fetch(
     return outcome
 
 
-def fetch_sync(
-    client: httpx.Client,
-    name: str,
-    upstream: UpstreamConfig,
-    params: Mapping[str, ParamValue],
-    *,
-    max_body: int,
-    guard: UpstreamGuard | None = None,
-    deadline: float | None = None,
-) -> SourceResult:
-    """`fetch` for blocking code (the sync twins): same limits, same error kinds, never raises.
-
-    A thread cannot be cancelled, so the source's total timeout is a monotonic deadline checked
-    between body chunks; a stall between chunks is cut by httpx's read timeout, so a call ends
-    within about twice its timeout at worst (a drip until just before the deadline, then a stall).
-    A `guard` applies the same policy as in `fetch`, on the same per-process state.
-    """
-    started = time.perf_counter()
-    url = upstream.template.render(params)
-    attempts = 0
-
-    def attempt(seconds: float) -> SourceResult:
-        nonlocal attempts
-        attempts += 1
-        begun = time.perf_counter()
-        try:
-            body, cache_control = _get_sync(client, name, url, upstream, max_body, seconds)
-            data = decode(name, upstream, body)
-        except UpstreamError as exc:
-            result = _failure(name, exc, started)
-        else:
-            result = _success(name, data, cache_control, started)
-        if logger.isEnabledFor(logging.DEBUG):
-            _log_call(result, attempts, begun)
-        return result
-
-    if guard is None:
-        return attempt(upstream.timeout)
-    outcome = guard.call_sync(attempt, deadline=deadline)
-    if isinstance(outcome, UpstreamError):
-        return _refused(name, outcome, started)
-    return outcome
-
-
-class SyncClient:
-    """The worker's one `httpx.Client` for `def` views, built on first use by any thread.
-
-    Built lazily because most workers never serve a sync twin; the lock makes sure racing
-    threads get the same client (a second one would leak its pool). `close` is for shutdown.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._lock = threading.Lock()
-        self._client: httpx.Client | None = None
-
-    def get(self) -> httpx.Client:
-        """The shared client, built if this is the first call (or the first after `close`)."""
-        client = self._client
-        if client is not None:
-            return client
-        with self._lock:
-            if self._client is None:
-                self._client = build_sync_client(self._settings)
-                logger.info("sync upstream client opened")
-            return self._client
-
-    def close(self) -> None:
-        """Close the client if one was built (blocking: closes its sockets)."""
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
-            logger.info("sync upstream client closed")
-
-
 def _timeouts(upstream: UpstreamConfig, seconds: float | None = None) -> httpx.Timeout:
     """Per-phase timeouts, none longer than the `seconds` this attempt has (default: all)."""
     total = upstream.timeout if seconds is None else max(0.001, min(seconds, upstream.timeout))
@@ -244,42 +166,6 @@ async def _get(
                     async for chunk in resp.aiter_raw():
                         body.add(chunk)
                     return body.value(), _cache_control(resp)
-            target = hop
-    except _CALL_ERRORS as exc:
-        raise _call_error(name, upstream, exc) from exc
-
-
-def _get_sync(
-    client: httpx.Client,
-    name: str,
-    url: str,
-    upstream: UpstreamConfig,
-    max_body: int,
-    seconds: float,
-) -> tuple[bytes, CacheControl]:
-    """`_get` for a blocking client; it bounds the total time itself (see `fetch_sync`)."""
-    deadline = time.monotonic() + seconds
-    redirects = Redirects(
-        name, upstream, url, outgoing_headers(upstream.headers, upstream.forwarded)
-    )
-    target: str | httpx.URL = url
-    try:
-        while True:
-            with client.stream(
-                "GET", target, headers=redirects.headers, timeout=_timeouts(upstream, seconds)
-            ) as resp:
-                hop = redirects.next_hop(resp)
-                if hop is None:
-                    body = _accept(name, resp, max_body)
-                    for chunk in resp.iter_raw():
-                        if time.monotonic() > deadline:
-                            raise _cut_off(name, upstream)
-                        body.add(chunk)
-                    if time.monotonic() > deadline:  # connect and headers alone may take that long
-                        raise _cut_off(name, upstream)
-                    return body.value(), _cache_control(resp)
-            if time.monotonic() > deadline:
-                raise _cut_off(name, upstream)
             target = hop
     except _CALL_ERRORS as exc:
         raise _call_error(name, upstream, exc) from exc

@@ -1,6 +1,6 @@
 """What an upstream's answer must be before its data is used: status, redirects, type, size, JSON.
 
-Kept apart from `upstream` (which makes the calls) so the async and the blocking call share
+Kept apart from `client` (which makes the calls) so the async and the blocking call share
 every step that does not wait, and a failure maps to the same kind whichever made the call.
 Nothing here ever puts upstream text (body, Location, header values) into an error detail: the
 details reach the client, and an upstream's error page may hold what it should not.

@@ -1,6 +1,6 @@
 """How the shared upstream client is built: engine choice and the fixes each engine needs.
 
-Kept apart from `upstream` (which makes the calls) because this is where httpx, httpcore and
+Kept apart from `client` (which makes the calls) because this is where httpx, httpcore and
 aiohttp internals are touched; each fix says which upstream bug it works around and is covered
 by a test that fails without it.
 """
@@ -17,8 +17,8 @@ import yarl
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
 
-from aggregator.responses import ACCEPT_ENCODING
 from aggregator.settings import Settings
+from aggregator.upstream.checks import ACCEPT_ENCODING
 
 
 class _OrphanSafePool(httpcore.AsyncConnectionPool):
@@ -114,7 +114,7 @@ class _NoCookies(httpx.Cookies):
 
     The client is shared by every request of the worker: a `Set-Cookie` from an upstream
     answering one user must never ride along on the next user's call. (Skipping the jar also
-    saves ~6% of the CPU of a fan-out, measured with py-spy.)
+    saves CPU on every call: docs/benchmarks.md, "Figures behind the code's comments".)
     """
 
     def extract_cookies(self, response: httpx.Response) -> None:
@@ -130,8 +130,8 @@ class _NoRedirectCrash(httpx._client.BaseClient):
     Even with `follow_redirects=False` httpx builds the next request of every 3xx (for
     `response.next_request`), and a `Location` such as `javascript:alert(1)` makes that raise
     `InvalidURL` out of `send`: an upstream could turn a call into an exception instead of a
-    result (httpx 0.28.1). We never use `next_request` (`aggregator.responses.Redirects` judges
-    the Location itself), so an unbuildable one is left pointing at the request that got it.
+    result (httpx 0.28.1). We never use `next_request` (`checks.Redirects` judges the Location
+    itself), so an unbuildable one is left pointing at the request that got it.
     """
 
     def _build_redirect_request(
@@ -168,7 +168,7 @@ def build_client(settings: Settings) -> httpx.AsyncClient:
     limits = _limits(settings)
     kwargs: dict[str, Any] = {
         "limits": limits,
-        "follow_redirects": False,  # `aggregator.responses.Redirects` decides, per source
+        "follow_redirects": False,  # `aggregator.upstream.checks.Redirects` decides, per source
         "trust_env": False,
         "headers": {"Accept-Encoding": ACCEPT_ENCODING},
     }
