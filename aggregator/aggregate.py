@@ -2,10 +2,10 @@
 
 `AggregateFill` is what the cache calls on a miss (its `Fill` interface), in a background
 refresh and in a warm; it never touches Flask or the request, so it runs the same in all three.
-It borrows the worker's shared upstream client (opened by the engine's `running()`), goes through
-the upstreams' guards and the source cache, and hands back the encoded answer together with what
-the cache needs to know about it (status, completeness, which sources failed, Server-Timing), so
-nobody downstream parses the body again.
+It borrows the worker's shared upstream client (the engine's `clients`, opened by `running()`),
+goes through the upstreams' guards and the source cache, and hands back the encoded answer
+together with what the cache needs to know about it (status, completeness, which sources failed,
+Server-Timing), so nobody downstream parses the body again.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from aggregator.metrics import Recorder
 from aggregator.params import ParamValue
 from aggregator.resilience import Guards
 from aggregator.settings import Settings
-from aggregator.upstream import borrow_client
+from aggregator.upstream import UpstreamClients
 
 
 class AggregateFill:
@@ -32,12 +32,14 @@ class AggregateFill:
         settings: Settings,
         config: AppConfig,
         *,
+        clients: UpstreamClients,
         guards: Guards,
         metrics: Recorder,
         sources: SourceCache | None,
     ) -> None:
         self.settings = settings
         self.config = config
+        self.clients = clients
         self.guards = guards
         self.metrics = metrics
         self.sources = sources
@@ -45,7 +47,7 @@ class AggregateFill:
     async def __call__(self, name: str, params: Mapping[str, ParamValue]) -> Filled:
         """One fan-out of aggregate `name`, merged and encoded; never raises for a source."""
         aggregate = self.config.aggregates[name]
-        async with borrow_client(self.settings) as client:
+        async with self.clients.borrow() as client:
             results = await fan_out(
                 client,
                 self.config,

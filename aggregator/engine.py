@@ -2,10 +2,11 @@
 
 A Flask app, a direct `aggregator warm`, `aggregator cache purge` and the tests all need the same
 parts wired the same way: the settings and config, the metrics recorder (built first: the others
-record into it), the upstreams' guards, the cache store, the source cache, the fill and the
-aggregate cache. `Engine.build` makes them; `running()` opens and closes, on the running loop,
-what they need while serving (the shared upstream client, the metrics' and cache's hooks), which
-is what the ASGI lifespan does. An app holds its engine under one key, read only by `engine_of`.
+record into it), the upstream clients, the upstreams' guards, the cache store, the source cache,
+the fill and the aggregate cache. `Engine.build` makes them; `running()` opens and closes, on
+the running loop, what they need while serving (the shared upstream client, the metrics' and
+cache's hooks), which is what the ASGI lifespan does. An app holds its engine under one key,
+read only by `engine_of`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 from flask import Flask, current_app
 
-from aggregator import metrics, upstream
+from aggregator import metrics
 from aggregator.aggregate import AggregateFill
 from aggregator.cache.backends import build_cache
 from aggregator.cache.service import AggregateCache
@@ -26,6 +27,7 @@ from aggregator.cache.store import CacheStore
 from aggregator.config import AppConfig, load_config
 from aggregator.resilience import Guards
 from aggregator.settings import Settings
+from aggregator.upstream import UpstreamClients
 
 #: A lifespan hook: awaited once, on the server loop, at startup or at shutdown.
 Hook = Callable[[], Awaitable[None]]
@@ -44,6 +46,7 @@ class Engine:
     settings: Settings
     config: AppConfig
     metrics: metrics.Recorder
+    clients: UpstreamClients
     guards: Guards
     store: CacheStore
     sources: SourceCache
@@ -68,13 +71,16 @@ class Engine:
         settings = settings or Settings()
         config = config or load_config(settings.config)
         recorder = metrics.build_recorder(settings, config)
+        clients = UpstreamClients(settings)
         guards = Guards(config.upstreams, circuit_listener=recorder.circuit_listener)
         store = CacheStore(build_cache(app or Flask(__name__), settings), settings)
         clock = time.time  # one clock for entries and purge markers: they compare times
         sources = SourceCache(store, config, clock=clock)
-        fill = AggregateFill(settings, config, guards=guards, metrics=recorder, sources=sources)
+        fill = AggregateFill(
+            settings, config, clients=clients, guards=guards, metrics=recorder, sources=sources
+        )
         cache = AggregateCache(store, config, settings, fill, clock=clock, metrics=recorder)
-        engine = cls(settings, config, recorder, guards, store, sources, fill, cache)
+        engine = cls(settings, config, recorder, clients, guards, store, sources, fill, cache)
         if recorder is not metrics.OFF and metrics.multiprocess_dir() is not None:
             engine.on_lifespan(stop=metrics.forget_process)
         engine.on_lifespan(cache.start, cache.stop)
@@ -89,7 +95,7 @@ class Engine:
 
         If a hook fails, what already started is stopped before the error propagates.
         """
-        await upstream.open_shared_client(self.settings)
+        await self.clients.open()
         self._started = []
         try:
             for start, stop in self._hooks:
@@ -106,7 +112,7 @@ class Engine:
             for stop in reversed(started):
                 await stop()
         finally:
-            await upstream.close_shared_client()
+            await self.clients.close()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Engine]:

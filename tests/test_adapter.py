@@ -15,9 +15,9 @@ import pytest
 from flask import abort, g, request
 
 from aggregator import create_app
+from aggregator.engine import current_engine
 from aggregator.serving import AggregatorFlask, ASGIAdapter
 from aggregator.settings import Mode, Settings
-from aggregator.upstream import shared_client
 
 MODES: list[Mode] = ["loop", "threads"]
 
@@ -39,7 +39,7 @@ def _probe_app(config_path: Path, mode: Mode, **settings: Any) -> ASGIAdapter:
             "after": request.args.get("tag"),
             "hook": g.seen_by_hook,
             "loop": id(asyncio.get_running_loop()),
-            "shared_client": shared_client() is not None,
+            "shared_client": current_engine().clients.shared() is not None,
         }
 
     @app.get("/probe/sync")
@@ -197,7 +197,7 @@ async def test_lifespan_protocol_opens_and_closes_the_shared_client(config_path)
         "lifespan.startup.complete",
         "lifespan.shutdown.complete",
     ]
-    assert shared_client() is None  # closed and forgotten at shutdown
+    assert adapter.engine.clients.shared() is None  # closed and forgotten at shutdown
 
 
 @pytest.mark.parametrize(("threshold", "tuned"), [(12_345, True), (0, False)])
@@ -316,7 +316,7 @@ params = {{ city = "str" }}
             ],
         )
         elapsed = time.perf_counter() - started
-        client = shared_client()
+        client = adapter.engine.clients.shared()
         assert client is not None
         # the upstream call was cancelled, not left running: the pool is empty again
         connector = client._transport.client.connector  # type: ignore[attr-defined]

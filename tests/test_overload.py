@@ -22,7 +22,6 @@ from aggregator.routes import ALWAYS_ANSWERED, METRICS, STATUS
 from aggregator.serving import ASGIAdapter
 from aggregator.serving.answers import overload_answer
 from aggregator.settings import Settings
-from aggregator.upstream import shared_client
 from tests.support.demo import demo_stats, reset_demo
 
 #: An upstream nothing calls in the unit tests (port 9: discard; never reached).
@@ -200,7 +199,7 @@ params = {{ user_id = "int" }}
     assert r.status_code == 200, r.text  # not cut: the client was closed after it finished
     assert r.json()["complete"] is True
     assert 0.5 < waited < 3.0  # waited for the ~1 s call, within the deadline + 1 s bound
-    assert shared_client() is None  # and then closed
+    assert adapter.engine.clients.shared() is None  # and then closed
 
 
 @pytest.mark.integration

@@ -18,13 +18,7 @@ from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess
 from aggregator.settings import Engine, Settings
-from aggregator.upstream import (
-    borrow_client,
-    close_shared_client,
-    fetch,
-    open_shared_client,
-    shared_client,
-)
+from aggregator.upstream import UpstreamClients, fetch
 from aggregator.upstream.engines import build_client
 from tests.support.clients import ENGINES, closed_port, upstream
 
@@ -661,8 +655,9 @@ async def test_build_client_httpx_engine() -> None:
 async def test_borrow_client_without_a_shared_one_is_short_lived(engine: Engine) -> None:
     settings = Settings(engine=engine)
 
-    async with borrow_client(settings) as borrowed:
-        assert shared_client() is None
+    clients = UpstreamClients(settings)
+    async with clients.borrow() as borrowed:
+        assert clients.shared() is None
         assert not borrowed.is_closed
 
     assert borrowed.is_closed
@@ -670,13 +665,26 @@ async def test_borrow_client_without_a_shared_one_is_short_lived(engine: Engine)
 
 async def test_borrow_client_prefers_the_shared_one() -> None:
     settings = Settings(engine="httpx")
-    shared = await open_shared_client(settings)
+    clients = UpstreamClients(settings)
+    shared = await clients.open()
     try:
-        async with borrow_client(settings) as borrowed:
+        async with clients.borrow() as borrowed:
             assert borrowed is shared
         assert not shared.is_closed
     finally:
-        await close_shared_client()
+        await clients.close()
 
     assert shared.is_closed
-    assert shared_client() is None
+    assert clients.shared() is None
+
+
+async def test_each_engine_has_its_own_shared_client() -> None:
+    # Two apps in one process (tests, an embedding app) never share, nor close, each other's.
+    first, second = UpstreamClients(Settings()), UpstreamClients(Settings())
+    client = await first.open()
+    try:
+        assert second.shared() is None
+        await second.close()
+        assert first.shared() is client and not client.is_closed
+    finally:
+        await first.close()

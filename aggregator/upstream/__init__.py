@@ -10,22 +10,16 @@ from __future__ import annotations
 
 from aggregator.upstream.cachecontrol import parse_cache_control
 from aggregator.upstream.client import (
-    borrow_client,
-    close_shared_client,
+    UpstreamClients,
     fetch,
-    open_shared_client,
-    shared_client,
 )
 from aggregator.upstream.engines import PoolUsage, build_client, pool_usage
 
 __all__ = [
+    "UpstreamClients",
     "PoolUsage",
-    "borrow_client",
     "build_client",
-    "close_shared_client",
     "fetch",
-    "open_shared_client",
     "parse_cache_control",
     "pool_usage",
-    "shared_client",
 ]

@@ -56,43 +56,48 @@ from aggregator.upstream.engines import build_client
 # The module's old name: log configurations and the README's examples name this logger.
 logger = logging.getLogger("aggregator.upstream")
 
-# Clients opened by the ASGI lifespan, keyed by the loop they live on.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
-    weakref.WeakKeyDictionary()
-)
 
+class UpstreamClients:
+    """A worker's shared upstream clients, one per event loop (the engine owns one of these).
 
-async def open_shared_client(settings: Settings) -> httpx.AsyncClient:
-    """Open this loop's shared client (lifespan startup)."""
-    loop = asyncio.get_running_loop()
-    client = build_client(settings)
-    _clients[loop] = client
-    logger.info("upstream client opened (engine=%s)", settings.engine)
-    return client
+    The lifespan opens the client on the server loop; a caller without one (Flask's test
+    client, a CLI loop) borrows a short-lived client for its own loop, since a client bound to
+    another loop cannot be used from this one.
+    """
 
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
 
-async def close_shared_client() -> None:
-    """Close this loop's shared client (lifespan shutdown)."""
-    client = _clients.pop(asyncio.get_running_loop(), None)
-    if client is not None:
-        await client.aclose()
-        logger.info("upstream client closed")
+    async def open(self) -> httpx.AsyncClient:
+        """Open this loop's shared client (lifespan startup)."""
+        client = build_client(self.settings)
+        self._by_loop[asyncio.get_running_loop()] = client
+        logger.info("upstream client opened (engine=%s)", self.settings.engine)
+        return client
 
+    async def close(self) -> None:
+        """Close this loop's shared client (lifespan shutdown)."""
+        client = self._by_loop.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+            logger.info("upstream client closed")
 
-def shared_client() -> httpx.AsyncClient | None:
-    """The client the lifespan opened on the running loop, if any."""
-    return _clients.get(asyncio.get_running_loop())
+    def shared(self) -> httpx.AsyncClient | None:
+        """The client the lifespan opened on the running loop, if any."""
+        return self._by_loop.get(asyncio.get_running_loop())
 
-
-@asynccontextmanager
-async def borrow_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The shared client, or a short-lived one when no server loop owns a client."""
-    client = shared_client()
-    if client is not None:
-        yield client
-        return
-    async with build_client(settings) as own:
-        yield own
+    @asynccontextmanager
+    async def borrow(self) -> AsyncIterator[httpx.AsyncClient]:
+        """The shared client, or a short-lived one when no lifespan opened one on this loop."""
+        client = self.shared()
+        if client is not None:
+            yield client
+            return
+        async with build_client(self.settings) as own:
+            yield own
 
 
 async def fetch(

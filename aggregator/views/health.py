@@ -18,7 +18,6 @@ from flask import Blueprint, Response, jsonify
 from aggregator.engine import current_engine
 from aggregator.errors import CacheUnavailableError
 from aggregator.routes import HEALTHZ, READYZ
-from aggregator.upstream import shared_client
 from aggregator.upstream.engines import pool_usage
 from aggregator.views.errors import error_response
 
@@ -61,7 +60,7 @@ def _check_config() -> _Check:
 
 def _check_client() -> _Check:
     # Looked up on the running loop: in a server that is the loop the lifespan opened it on.
-    client = shared_client()
+    client = current_engine().clients.shared()
     if client is None:
         return False, "not open on this event loop (the ASGI lifespan startup has not run)"
     if client.is_closed:
