@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Mapping
 from typing import Literal
+from urllib.parse import parse_qs
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -25,6 +26,11 @@ _FALSE = {"false", "0", "no", "off"}
 _INT = re.compile(r"[+-]?[0-9]{1,18}")
 _FLOAT = re.compile(r"[+-]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|inf|infinity|nan)", re.I)
 MAX_PARAM_LENGTH = 1024
+
+
+def parse_query(query_string: str) -> dict[str, list[str]]:
+    """The one query parser for both the fast path and the view, so both build the same key."""
+    return parse_qs(query_string, keep_blank_values=True)
 
 
 def parse_value(kind: ParamType, raw: object) -> ParamValue:

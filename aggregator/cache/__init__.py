@@ -10,7 +10,7 @@ from __future__ import annotations
 from aggregator.cache.privacy import Caller, caller_from_headers
 from aggregator.cache.purge import check_target, purge
 from aggregator.cache.results import Fill, Filled, Lookup, WarmResult, looked_up
-from aggregator.cache.service import AggregateCache, parse_query
+from aggregator.cache.service import AggregateCache
 from aggregator.cache.sources import SourceCache
 from aggregator.errors import CacheUnavailableError
 
@@ -26,6 +26,5 @@ __all__ = [
     "caller_from_headers",
     "check_target",
     "looked_up",
-    "parse_query",
     "purge",
 ]

@@ -27,7 +27,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
-from urllib.parse import parse_qs
 
 from aggregator.cache.entries import (
     AggregateEntry,
@@ -57,11 +56,6 @@ logger = logging.getLogger(__name__)
 
 State = Literal["fresh", "stale", "stale_if_error", "expired", "miss", "bypass", "off"]
 _POLL = 0.02  # seconds between looks for another process's fill
-
-
-def parse_query(query_string: str) -> dict[str, list[str]]:
-    """The one query parser for both the fast path and the view, so both build the same key."""
-    return parse_qs(query_string, keep_blank_values=True)
 
 
 class AggregateCache:

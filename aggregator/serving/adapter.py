@@ -30,6 +30,11 @@ Every HTTP request, in every mode, first gets its id and forwardable headers set
 them; every response carries `X-Request-ID` and each request gets one access line
 (`aggregator.serving.access`). Answers Hypercorn makes itself (a malformed request) never
 reach us.
+
+This module owns one thing, the ASGI application (lifespan, then each request from scope to
+sent status); its long docstring is the serving contract. Its parts live beside it: the
+greenlet bridge (`bridge`), the fast path (`fastpath`), the request limits (`limits`), the
+answers it sends itself (`answers`) and the access line (`access`).
 """
 
 from __future__ import annotations

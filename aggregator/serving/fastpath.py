@@ -12,9 +12,10 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from aggregator.cache import Lookup, parse_query
+from aggregator.cache import Lookup
 from aggregator.cache.headers import Answer
 from aggregator.errors import InvalidRequestError
+from aggregator.params import parse_query
 
 if TYPE_CHECKING:
     from aggregator.cache import AggregateCache

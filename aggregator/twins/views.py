@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from flask import Blueprint, Flask, Response, request
 
-from aggregator.cache import parse_query
 from aggregator.config import AppConfig
 from aggregator.engine import Engine
 from aggregator.merge import merge, server_timing
+from aggregator.params import parse_query
 from aggregator.routes import SYNC_POOL_PREFIX, SYNC_PREFIX
 from aggregator.settings import Settings
 from aggregator.twins.fanout import fan_out_in_turn, fan_out_threads

@@ -6,9 +6,10 @@ from collections.abc import Awaitable, Callable
 
 from flask import Blueprint, Flask, Response, request
 
-from aggregator.cache import caller_from_headers, looked_up, parse_query
+from aggregator.cache import caller_from_headers, looked_up
 from aggregator.config import AppConfig
 from aggregator.engine import current_engine
+from aggregator.params import parse_query
 
 
 def register(app: Flask, config: AppConfig) -> None:

@@ -15,11 +15,12 @@ from typing import cast
 import httpx
 import pytest
 
-from aggregator.cache import AggregateCache, parse_query
+from aggregator.cache import AggregateCache
 from aggregator.cache.backends import FileSystemCache, SimpleCache
 from aggregator.cache.entries import AggregateMeta, aggregate_key, encode_aggregate, etag_for
 from aggregator.demo.process import DemoProcess
 from aggregator.engine import engine_of
+from aggregator.params import parse_query
 from aggregator.serving import ASGIAdapter
 from tests.support.configs import QUERY, SERVICES
 from tests.support.demo import demo_stats
