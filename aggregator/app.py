@@ -17,8 +17,7 @@ from aggregator.config import AppConfig, load_config
 from aggregator.engine import Engine
 from aggregator.errors import ConfigError
 from aggregator.serving import AggregatorFlask, ASGIAdapter
-from aggregator.settings import Settings
-from aggregator.status import aggregates_meta
+from aggregator.settings import Settings, SettingsError
 from aggregator.views import admin, aggregates, dashboard, docs, errors, health, status
 from aggregator.views import metrics as metrics_view
 
@@ -43,10 +42,9 @@ def create_app(
     app.register_blueprint(admin.bp)
     aggregates.register(app, config)
     twins.register(app, engine)
-    docs.register(app, config, dashboard=settings.dashboard)
-    meta = aggregates_meta(config)
-    status.register(app, engine, meta)
-    dashboard.register(app, meta, enabled=settings.dashboard)
+    docs.register(app, dashboard=settings.dashboard)
+    status.register(app)
+    dashboard.register(app, enabled=settings.dashboard)
     return app
 
 
@@ -62,6 +60,9 @@ def create_asgi_app_or_exit() -> ASGIAdapter:
     """For server entry points: a bad config stops start-up with its message, not a traceback."""
     try:
         return create_asgi_app()
+    except SettingsError as exc:  # an AGGREGATOR_* variable: one line, as the command says it
+        print(f"aggregator: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except (ConfigError, ValidationError) as exc:
         print(f"aggregator: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None

@@ -12,15 +12,16 @@ headers may be forwarded is `aggregator.forwarding`, both applied here when the 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -32,11 +33,14 @@ from pydantic import (
     model_validator,
 )
 
-from aggregator import forwarding
+from aggregator import forwarding, graph
 from aggregator import params as parameters
+from aggregator.bodytemplate import BodyTemplate
 from aggregator.errors import ConfigError, InvalidRequestError
 from aggregator.params import ParamSpec, ParamValue
+from aggregator.resilience.hedge import parse_hedge_after
 from aggregator.routes import RESERVED_PATHS, RESERVED_PREFIXES
+from aggregator.shape import compile_shape, shape_problems
 from aggregator.urltemplate import UrlTemplate
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -63,6 +67,55 @@ def expand_env(value: str) -> str:
 class _Strict(BaseModel):
     # strict: `timeout = "5"` is a mistake in a TOML file, not something to coerce quietly
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+_ENV_ONLY = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
+class OAuthConfig(_Strict):
+    """OAuth2 client credentials of one source (`[upstreams.NAME.oauth]`; upstream.oauth).
+
+    The secret must come from the environment (`client_secret = "${VAR}"`); it is never part of
+    a message, a repr, a log line or an answer.
+    """
+
+    token_url: str
+    client_id: str = Field(min_length=1)
+    client_secret: str = Field(repr=False)
+    scopes: list[str] = Field(default_factory=list, max_length=64)
+    audience: str | None = None
+    #: How the client authenticates at the token endpoint (RFC 6749 2.3.1): HTTP Basic, or
+    #: `client_id`/`client_secret` in the form.
+    auth_method: Literal["basic", "post"] = "basic"
+    #: Seconds a token request may take.
+    timeout: float = Field(default=5.0, gt=0, le=60)
+
+    @field_validator("token_url", "client_id", "audience", mode="after")
+    @classmethod
+    def _expand(cls, value: str | None) -> str | None:
+        return None if value is None else expand_env(value)
+
+    @field_validator("token_url", mode="after")
+    @classmethod
+    def _check_token_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")) or "{" in value:
+            raise ValueError("must be an http:// or https:// URL without placeholders")
+        return value
+
+    @field_validator("client_secret", mode="after")
+    @classmethod
+    def _secret_from_env(cls, value: str) -> str:
+        if not _ENV_ONLY.fullmatch(value):
+            raise ValueError('must name an environment variable ("${VAR}"), not hold the secret')
+        return expand_env(value)
+
+    @field_validator("scopes", mode="after")
+    @classmethod
+    def _check_scopes(cls, value: list[str]) -> list[str]:
+        for scope in value:
+            if not scope or any(c in scope for c in ' "\\') or not scope.isprintable():
+                raise ValueError(f"{scope!r} is not a valid scope")
+        return value
 
 
 class UpstreamConfig(_Strict):
@@ -105,6 +158,54 @@ class UpstreamConfig(_Strict):
     max_concurrency: int | None = Field(default=None, ge=1, le=100_000)
     #: Data answered in place of a failed call (flagged `fallback`); checked against `schema`.
     fallback: JsonValue = None
+    # -- requests with a body, and credentials (aggregator.bodytemplate, upstream.oauth) -------
+    #: `POST` sends `body` as JSON.
+    method: Literal["GET", "POST"] = "GET"
+    #: The JSON body of a POST; `{name}` placeholders in its string values are filled as data.
+    body: JsonValue = None
+    #: A GraphQL endpoint: `body` holds `query` (and `variables`); the answer's `data` is the
+    #: payload; `errors` with no `data` is a `graphql` error.
+    graphql: bool = False
+    #: Whether calls may be repeated (retries): GET sources are; a POST only when this is set.
+    idempotent: bool | None = None
+    #: OAuth2 client credentials: each call carries a bearer token of this credential.
+    oauth: OAuthConfig | None = None
+    # -- hedged calls and shaped answers (aggregator.resilience.hedge, aggregator.shape) -------
+    #: Send one more identical request if no answer came after this long: seconds (`0.25`) or
+    #: a percentile of this source's recent latency (`"p95"`). Unset: never hedge.
+    hedge_after: float | str | None = None
+    #: A JMESPath expression applied to the validated payload before it is merged, e.g.
+    #: `"{city: location.name, temp: current.temp_c}"`. Unset: the whole payload.
+    shape: str | None = Field(default=None, min_length=1, max_length=2_000)
+
+    @field_validator("hedge_after", mode="before")
+    @classmethod
+    def _check_hedge_after(cls, value: Any) -> float | str | None:
+        return parse_hedge_after(value)  # ValueError: a one-line message
+
+    @field_validator("shape", mode="after")
+    @classmethod
+    def _check_shape(cls, value: str | None) -> str | None:
+        if value is not None:
+            compile_shape(value)  # ValueError: a one-line message
+        return value
+
+    @model_validator(mode="after")
+    def _hedge_within_timeout(self) -> UpstreamConfig:
+        if isinstance(self.hedge_after, float | int) and self.hedge_after >= self.timeout:
+            raise ValueError(
+                f"hedge_after ({self.hedge_after:g} s) must be shorter than timeout "
+                f"({self.timeout:g} s): a hedge is sent within the call's own time"
+            )
+        return self
+
+    @property
+    def is_idempotent(self) -> bool:
+        """Repeating this call is harmless: a GET unless `idempotent` says not; a POST only when
+        `idempotent` says so."""
+        if self.idempotent is None:
+            return self.method == "GET"
+        return self.idempotent
 
     @field_validator("url", mode="after")
     @classmethod
@@ -141,6 +242,32 @@ class UpstreamConfig(_Strict):
         )
         return self
 
+    @model_validator(mode="after")
+    def _check_body(self) -> UpstreamConfig:
+        if self.method == "GET" and (self.body is not None or self.graphql):
+            raise ValueError('body and graphql need method = "POST"')
+        if self.method == "POST" and self.body is None:
+            raise ValueError('method = "POST" needs a body')
+        if self.graphql and not (
+            isinstance(self.body, dict)
+            and isinstance(self.body.get("query"), str)
+            and set(self.body) <= {"query", "variables", "operationName"}
+        ):
+            raise ValueError("a graphql body is a table with a query string (and variables)")
+        return self
+
+    @cached_property
+    def retriable(self) -> bool:
+        """Whether a call may be sent again (retries): a GET, or a source marked idempotent."""
+        return self.idempotent if self.idempotent is not None else self.method == "GET"
+
+    @cached_property
+    def body_template(self) -> BodyTemplate | None:
+        if self.body is None:
+            return None
+        literal = frozenset({"query"}) if self.graphql else frozenset()
+        return BodyTemplate.parse(self.body, literal=literal)
+
     @cached_property
     def forwarded(self) -> tuple[tuple[str, str], ...]:
         """`forward_headers` as (name as configured, lowercase name as ASGI gives it) pairs."""
@@ -153,7 +280,17 @@ class UpstreamConfig(_Strict):
 
     @cached_property
     def template(self) -> UrlTemplate:
-        return UrlTemplate.parse(self.url)
+        """The URL template; its `names` and `fields` also cover the body's placeholders, so the
+        graph, the load checks and views see what a call needs wherever it goes."""
+        url = UrlTemplate.parse(self.url)
+        body = self.body_template
+        if body is None:
+            return url
+        return dataclasses.replace(
+            url,
+            names=url.names | body.names,
+            fields=tuple(dict.fromkeys((*url.fields, *body.fields))),
+        )
 
     @cached_property
     def model(self) -> type[BaseModel] | None:
@@ -284,7 +421,7 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def _pydantic_problems(exc: ValidationError) -> list[str]:
+def pydantic_problems(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors(include_input=False, include_url=False):
         msg = err["msg"]
@@ -294,7 +431,19 @@ def _pydantic_problems(exc: ValidationError) -> list[str]:
     return problems
 
 
-def _cross_problems(config: AppConfig) -> list[str]:
+def check_config(config: AppConfig, source: str, *, views: Collection[str] = ()) -> None:
+    """The checks across sections for a config assembled in code; ConfigError lists problems.
+
+    `views` are aggregates written as views: they pass their sources' URL values themselves,
+    so their parameters need not cover their sources' placeholders (nor their sources the
+    sources a dotted placeholder names).
+    """
+    problems = _cross_problems(config, views=views)
+    if problems:
+        raise ConfigError(source, problems)
+
+
+def _cross_problems(config: AppConfig, *, views: Collection[str] = ()) -> list[str]:
     """What single-field validation cannot see: references between sections."""
     problems: list[str] = []
     for name, up in config.upstreams.items():
@@ -312,6 +461,8 @@ def _cross_problems(config: AppConfig) -> list[str]:
                     f"upstreams.{name}.fallback{'.' + where if where else ''}: {err['msg']} "
                     f"(it must match {up.schema_})"
                 )
+        problems += shape_problems(f"upstreams.{name}", up)
+    problems += _graph_problems(config)
     paths: dict[str, str] = {}
     for name, agg in config.aggregates.items():
         where = f"aggregates.{name}"
@@ -329,11 +480,17 @@ def _cross_problems(config: AppConfig) -> list[str]:
                 problems.append(f"{where}.sources: unknown upstream {source!r} (known: {known})")
                 continue
             missing = sorted(up_cfg.template.names - agg.params.keys())
-            if missing:
+            if missing and name not in views:
                 problems.append(
                     f"{where}.params: upstream {source!r} needs "
                     f"{', '.join(missing)} but the aggregate has no such parameter"
                 )
+            for ref in [] if name in views else graph.outside(up_cfg, agg.sources):
+                if ref.source in config.upstreams:  # (an unknown one is named once, above)
+                    problems.append(
+                        f"{where}.sources: upstream {source!r} needs {ref.text} but "
+                        f"{ref.source!r} is not one of its sources"
+                    )
         for source in agg.required:
             if source not in agg.sources:
                 problems.append(f"{where}.required: {source!r} is not one of its sources")
@@ -345,28 +502,53 @@ def _cross_problems(config: AppConfig) -> list[str]:
     return problems
 
 
+def _graph_problems(config: AppConfig) -> list[str]:
+    """Dotted placeholders (`{profile.city}`) naming no upstream, and cycles among them."""
+    problems: list[str] = []
+    known = ", ".join(sorted(config.upstreams)) or "none"
+    for name, up in config.upstreams.items():
+        for ref in up.template.fields:
+            if ref.source not in config.upstreams:
+                problems.append(
+                    f"upstreams.{name}.url: {{{ref.text}}} names an unknown upstream "
+                    f"{ref.source!r} (known: {known})"
+                )
+    for cycle in graph.cycles(config):
+        problems.append(
+            f"upstreams.{cycle[0]}.url: its placeholders need each other in a cycle: "
+            f"{' -> '.join(cycle)}"
+        )
+    return problems
+
+
 def default_config_text() -> str:
     """The bundled demo config."""
     return resources.files("aggregator.demo").joinpath("config.toml").read_text("utf-8")
 
 
-def parse_config(text: str, source: str) -> AppConfig:
-    """Validate TOML text; ConfigError lists every problem with its key path."""
+def parse_config(text: str, source: str, *, sources_only: bool = False) -> AppConfig:
+    """Validate TOML text; ConfigError lists every problem with its key path.
+
+    `sources_only`: the file may hold upstreams alone (the `Aggregator` extension's sources
+    file, whose aggregates are views); a served config must have both sections.
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+    if sources_only:
+        raw.setdefault("aggregates", {})
     try:
         config = AppConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(source, _pydantic_problems(exc)) from None
+        raise ConfigError(source, pydantic_problems(exc)) from None
     problems = _cross_problems(config)
     if problems:
         raise ConfigError(source, problems)
     return config
 
 
-def load_config(path: Path | None) -> AppConfig:
+def load_config(path: Path | None, *, sources_only: bool = False) -> AppConfig:
     """Load the file at `path`, or the bundled demo config when None."""
     if path is None:
         return parse_config(default_config_text(), "(bundled demo config)")
@@ -375,4 +557,4 @@ def load_config(path: Path | None) -> AppConfig:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(str(path), [f"cannot read the file: {reason}"]) from None
-    return parse_config(text, str(path))
+    return parse_config(text, str(path), sources_only=sources_only)

@@ -11,8 +11,9 @@ read only by `engine_of`.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -26,8 +27,10 @@ from aggregator.cache.sources import SourceCache
 from aggregator.cache.store import CacheStore
 from aggregator.config import AppConfig, load_config
 from aggregator.resilience import Guards
+from aggregator.resilience.shared import build_shared
 from aggregator.settings import Settings
 from aggregator.upstream import UpstreamClients
+from aggregator.viewfill import AggregateView
 
 #: A lifespan hook: awaited once, on the server loop, at startup or at shutdown.
 Hook = Callable[[], Awaitable[None]]
@@ -62,27 +65,38 @@ class Engine:
         config: AppConfig | None = None,
         *,
         app: Flask | None = None,
+        views: Mapping[str, AggregateView] | None = None,
     ) -> Engine:
         """Build every component (blocking: backend clients are made here, before any loop).
 
         `app`: the Flask app whose flask-caching extension the cache backend joins; without one
         (a CLI process that only needs the cache) the backend gets a bare app of its own.
+        `views`: the aggregates of `config` written as views (`Aggregator.aggregate`).
         """
         settings = settings or Settings()
         config = config or load_config(settings.config)
         recorder = metrics.build_recorder(settings, config)
         clients = UpstreamClients(settings)
-        guards = Guards(config.upstreams, circuit_listener=recorder.circuit_listener)
+        shared = build_shared(settings, on_health=recorder.shared_state)
+        guards = Guards(config.upstreams, circuit_listener=recorder.circuit_listener, shared=shared)
         store = CacheStore(build_cache(app or Flask(__name__), settings), settings)
         clock = time.time  # one clock for entries and purge markers: they compare times
         sources = SourceCache(store, config, clock=clock)
         fill = AggregateFill(
-            settings, config, clients=clients, guards=guards, metrics=recorder, sources=sources
+            settings,
+            config,
+            clients=clients,
+            guards=guards,
+            metrics=recorder,
+            sources=sources,
+            views=views,
         )
         cache = AggregateCache(store, config, settings, fill, clock=clock, metrics=recorder)
         engine = cls(settings, config, recorder, clients, guards, store, sources, fill, cache)
         if recorder is not metrics.OFF and metrics.multiprocess_dir() is not None:
             engine.on_lifespan(stop=metrics.forget_process)
+        if shared is not None:
+            engine.on_lifespan(shared.start, shared.stop)
         engine.on_lifespan(cache.start, cache.stop)
         return engine
 
@@ -125,19 +139,50 @@ class Engine:
 
     def close(self) -> None:
         """Release the store's threads and connections (a CLI process, after its loop ended)."""
+        self.fill.close()
         self.store.close()
 
 
-def init_app(app: Flask, engine: Engine) -> None:
-    """Attach `engine` to `app` (one per app)."""
+class LazyEngine:
+    """An engine built on first use, once: views decorated after `init_app` are then known."""
+
+    def __init__(self, build: Callable[[], Engine]) -> None:
+        self._build = build
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def built(self) -> bool:
+        return self._engine is not None
+
+    def get(self) -> Engine:
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    self._engine = self._build()
+        return self._engine
+
+
+def init_app(app: Flask, engine: Engine | LazyEngine) -> None:
+    """Attach `engine` (or how to build it on first use) to `app` (one per app)."""
     app.extensions[_EXTENSION] = engine
 
 
+def find_engine(app: Flask) -> Engine | None:
+    """The engine attached to `app` (built now if it was lazy), or None for a plain Flask app."""
+    found = app.extensions.get(_EXTENSION)
+    if isinstance(found, LazyEngine):
+        return found.get()
+    return found if isinstance(found, Engine) else None
+
+
 def engine_of(app: Flask) -> Engine:
-    """The engine attached to `app` (by `create_app`)."""
-    engine = app.extensions.get(_EXTENSION)
-    if not isinstance(engine, Engine):
-        raise RuntimeError(f"{app.name!r} has no aggregator engine: build it with create_app()")
+    """The engine attached to `app` (by `create_app` or the `Aggregator` extension)."""
+    engine = find_engine(app)
+    if engine is None:
+        raise RuntimeError(
+            f"{app.name!r} has no aggregator engine: use Aggregator(app) or create_app()"
+        )
     return engine
 
 

@@ -11,13 +11,16 @@ AggregatorError
  |    +-- UpstreamInvalidPayloadError  not JSON, wrong shape, or too large
  |    +-- UpstreamCircuitOpenError  not called: its circuit breaker is open (resilience)
  |    +-- UpstreamOverloadedError   not called: its concurrency limit is reached (resilience)
+ |    +-- UpstreamAuthError         not called: no OAuth2 token could be had for it
+ |    +-- UpstreamGraphQLError      a GraphQL answer with `errors` and no `data`
  +-- WarmError                      `aggregator warm` cannot start (exit 2); nothing was warmed
  |    +-- TargetError               targets that fail validation, each named by file, line, field
  |    +-- NotWarmableError          a per-process cache, a refused token, an unreachable URL
  +-- StatusError                    `aggregator status` cannot read a deployment's metrics (exit 1)
+ +-- AppRefError                    `--app module:app` names nothing we can serve (exit 2)
  +-- CacheUnavailableError          the cache backend failed or is cooling down; serve uncached
 
-An `UpstreamError`'s `kind` is one of `ErrorKind`, the error kinds of the envelope (DESIGN §4).
+An `UpstreamError`'s `kind` is one of `ErrorKind`, the error kinds of the envelope.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ REASONS: dict[int, str] = {**HTTP_STATUS_CODES, 413: "Payload Too Large"}
 
 #: What an invalid upstream body was: not JSON, not the upstream's model, or too large.
 PayloadErrorKind = Literal["invalid_json", "validation", "too_large"]
-#: Every way a source can fail, as the envelope's `errors` and the metrics name it.
+#: Every way a source can fail, as the envelope's `errors` and the metrics name it. `deadline`
+#: (cut off by the aggregate's deadline) and `dependency` (not called: a value its URL takes
+#: from another source's answer could not be had, aggregator.graph) are never raised.
 ErrorKind = Literal[
     "timeout",
     "connect",
@@ -42,6 +47,9 @@ ErrorKind = Literal[
     "deadline",
     "circuit_open",
     "overloaded",
+    "dependency",
+    "auth",
+    "graphql",
 ]
 
 
@@ -65,6 +73,18 @@ class ConfigError(AggregatorError):
 
     def __repr__(self) -> str:
         return f"ConfigError(source={self.source!r}, problems={self.problems!r})"
+
+
+class AppRefError(AggregatorError):
+    """`--app MODULE:ATTR` cannot be served; the message, one line, names the reference and why."""
+
+    def __init__(self, ref: str, reason: str) -> None:
+        self.ref = ref
+        self.reason = reason
+        super().__init__(f"--app {ref}: {reason}")
+
+    def __repr__(self) -> str:
+        return f"AppRefError(ref={self.ref!r}, reason={self.reason!r})"
 
 
 class InvalidRequestError(AggregatorError):
@@ -149,6 +169,21 @@ class UpstreamOverloadedError(UpstreamError):
     """The source was not called: it already has as many calls in flight as it may."""
 
     kind = "overloaded"
+
+
+class UpstreamAuthError(UpstreamError):
+    """The source was not called: its OAuth2 token endpoint gave no usable token.
+
+    The detail never holds the client secret, a token, or the token endpoint's body.
+    """
+
+    kind = "auth"
+
+
+class UpstreamGraphQLError(UpstreamError):
+    """A GraphQL upstream answered an `errors` array and no `data` (their text is not kept)."""
+
+    kind = "graphql"
 
 
 class WarmError(AggregatorError):

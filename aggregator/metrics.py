@@ -9,16 +9,16 @@ Hot path: every label combination an app will use is bound when the app is built
 costs far more than a bound child's `inc`, in multiprocess mode too), so a cache
 hit records its request, latency, cache result and in-flight count with a few dict lookups.
 
-Several workers: prometheus_client's multiprocess mode, which it chooses when it is imported
-from `PROMETHEUS_MULTIPROC_DIR` (so the variable must be set before a worker starts;
-`aggregator serve` manages a private directory, see `ops.metrics_server`). Each worker writes
-its own mmap files and any worker's `/metrics` merges them all: counters and histograms are summed,
-in-flight is `livesum`, circuit state `livemax` (each worker has its own breakers; the gauge
-shows the worst one among live workers). Hypercorn has no worker-exit hook, so a worker marks
-itself dead at lifespan shutdown (its live gauges leave the merge); a worker that dies without
-a shutdown exits non-zero, which makes Hypercorn stop every worker, and the next `aggregator
-serve` starts from an empty directory. Metric objects are created lazily, once per process,
-after that check, so a bad directory is a start-up message, not an import-time traceback.
+Several workers: prometheus_client's multiprocess mode, which it chooses when it is imported from
+`PROMETHEUS_MULTIPROC_DIR` (so the variable must be set before a worker starts; `aggregator serve`
+manages a private directory, see `ops.metrics_server`). Each worker writes its own mmap files and
+any worker's `/metrics` merges them all: counters and histograms are summed, in-flight is
+`livesum`, circuit state `livemax` (each worker has its own breakers; a state's series is 1 when
+any live worker's breaker is in it). Hypercorn has no worker-exit hook, so a worker marks itself
+dead at lifespan shutdown (its live gauges leave the merge); a worker that dies without a shutdown
+exits non-zero, which makes Hypercorn stop every worker, and the next `aggregator serve` starts
+from an empty directory. Metric objects are created lazily, once per process, after that check, so
+a bad directory is a start-up message, not an import-time traceback.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from prometheus_client import (
 )
 
 from aggregator.errors import ConfigError
-from aggregator.models import SourceResult, SourceStatus
+from aggregator.models import HedgeOutcome, SourceResult, SourceStatus
 
 if TYPE_CHECKING:
     from aggregator.config import AppConfig
@@ -55,15 +55,16 @@ logger = logging.getLogger(__name__)
 
 #: Seconds: a cache hit lands in the first bucket, a source's timeout (<= 30 s typical) in range.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-#: The gauge's value per breaker state (the worst is the highest, for `livemax`).
-CIRCUIT_VALUES: dict[BreakerState, float] = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+#: The breaker states, each one 0/1 series of `aggregator_circuit_state` per source.
+CIRCUIT_STATES: tuple[BreakerState, ...] = ("closed", "half_open", "open")
 #: X-Cache values counted, as they are labelled.
 CACHE_RESULTS = {"HIT": "hit", "STALE": "stale", "MISS": "miss", "BYPASS": "bypass"}
 #: Statuses bound up front, so their series exist (at 0) before the first such answer.
 _STATUSES = (200, 304, 400, 502, 504)
 #: Kinds that never reached the upstream: counted as errors, kept out of its latency.
-REFUSED_KINDS = frozenset({"circuit_open", "overloaded"})
+REFUSED_KINDS = frozenset({"circuit_open", "overloaded", "dependency", "auth"})
 ERROR_KINDS = tuple(kind for kind in get_args(SourceStatus) if kind != "ok")
+HEDGE_OUTCOMES: tuple[HedgeOutcome, ...] = get_args(HedgeOutcome)
 #: Status recorded for a request whose client left before the answer (nginx's convention).
 CLIENT_LEFT = 499
 
@@ -94,6 +95,9 @@ class _Families:
     cache_results: Counter
     coalesced: Counter
     circuit: Gauge
+    hedges: Counter
+    shared_up: Gauge
+    shared_failures: Counter
 
 
 @functools.cache
@@ -128,7 +132,8 @@ def _families() -> _Families:
         ),
         source_errors=Counter(
             "aggregator_source_errors",
-            "Failed source results by error kind (circuit_open and overloaded: not called).",
+            "Failed source results by error kind (circuit_open, overloaded, dependency, auth: "
+            "not called).",
             ["source", "kind"],
         ),
         cache_results=Counter(
@@ -145,9 +150,28 @@ def _families() -> _Families:
         ),
         circuit=Gauge(
             "aggregator_circuit_state",
-            "Circuit breaker per source: 0 closed, 1 half-open, 2 open (the worst worker's).",
-            ["source"],
+            "Circuit breaker per source: 1 for the state it is in, 0 for the others (with "
+            "several workers, 1 when any live worker's breaker is in that state).",
+            ["source", "state"],
             multiprocess_mode="livemax",
+        ),
+        hedges=Counter(
+            "aggregator_hedges",
+            "Hedged calls per source by outcome: first_won, hedge_won, both_failed (a second "
+            "request was sent), refused (due, but the bulkhead, retry budget or breaker said no).",
+            ["source", "outcome"],
+        ),
+        shared_up=Gauge(
+            "aggregator_shared_resilience_up",
+            "1 while the shared resilience state (AGGREGATOR_SHARED_RESILIENCE=redis) answers "
+            "and breakers and limits are fleet-wide, 0 while workers decide alone (with "
+            "several workers, the lowest live worker's).",
+            multiprocess_mode="livemin",
+        ),
+        shared_failures=Counter(
+            "aggregator_shared_resilience_failures",
+            "Times the shared resilience state became unavailable (workers then fail open to "
+            "their own breakers and limits).",
         ),
     )
 
@@ -173,6 +197,9 @@ class Recorder:
     def circuit_listener(self, source: str) -> Callable[[BreakerState], None] | None:
         """What a source's circuit breaker calls when its state changes."""
         return None
+
+    def shared_state(self, up: bool) -> None:
+        """The shared resilience state became usable (True) or not (False)."""
 
 
 OFF = Recorder()
@@ -226,9 +253,18 @@ class PrometheusRecorder(Recorder):
             name: {kind: families.source_errors.labels(name, kind) for kind in ERROR_KINDS}
             for name in config.upstreams
         }
-        self._circuits = {name: families.circuit.labels(name) for name in config.upstreams}
-        for gauge in self._circuits.values():
-            gauge.set(0)  # every breaker starts closed, and the series exists from the start
+        self._circuits = {
+            name: {state: families.circuit.labels(name, state) for state in CIRCUIT_STATES}
+            for name in config.upstreams
+        }
+        for gauges in self._circuits.values():
+            for state, gauge in gauges.items():  # every breaker starts closed, every series
+                gauge.set(1 if state == "closed" else 0)  # exists from the start
+        self._hedges = {
+            name: {how: families.hedges.labels(name, how) for how in HEDGE_OUTCOMES}
+            for name, up in config.upstreams.items()
+            if up.hedge_after is not None
+        }
 
     def routes(self) -> dict[str, AggregateRecorder]:
         return dict(self._routes)
@@ -257,16 +293,25 @@ class PrometheusRecorder(Recorder):
                 seconds.observe(result.ms / 1000)
             if kind != "ok":
                 self._errors[name][kind].inc()
+            if result.hedge is not None and name in self._hedges:
+                self._hedges[name][result.hedge].inc()
 
     def circuit_listener(self, source: str) -> Callable[[BreakerState], None] | None:
-        gauge = self._circuits.get(source)
-        if gauge is None:
+        gauges = self._circuits.get(source)
+        if gauges is None:
             return None
 
         def changed(state: BreakerState) -> None:
-            gauge.set(CIRCUIT_VALUES[state])
+            for each, gauge in gauges.items():
+                gauge.set(1 if each == state else 0)
 
         return changed
+
+    def shared_state(self, up: bool) -> None:
+        families = _families()
+        families.shared_up.set(1 if up else 0)
+        if not up:
+            families.shared_failures.inc()
 
 
 def check_multiprocess(settings: Settings) -> None:

@@ -11,8 +11,13 @@ from aggregator.errors import ErrorKind
 
 JSONDict = dict[str, Any]
 
-#: Error kinds of DESIGN §4; "ok" marks success.
+#: The envelope's error kinds; "ok" marks success.
 SourceStatus = Literal["ok", ErrorKind]
+
+#: What became of a hedged call: sent and the first attempt's answer used (`first_won`), sent and
+#: the hedge's used (`hedge_won`), sent and neither answered well (`both_failed`), or due but
+#: refused by the bulkhead, retry budget or breaker and not sent (`refused`).
+HedgeOutcome = Literal["first_won", "hedge_won", "both_failed", "refused"]
 
 #: Where a source's data came from when a source cache was consulted for it.
 SourceCacheState = Literal["hit", "miss"]
@@ -52,6 +57,10 @@ class SourceResult:
     cache: SourceCacheState | None = None
     #: The call failed (`status` says how) and `data` is the upstream's configured fallback.
     fallback: bool = False
+    #: Milliseconds after its request's first call began that this call started (None: unknown).
+    started: float | None = None
+    #: What became of a hedge of this call (`aggregator.resilience.hedge`); None: none was due.
+    hedge: HedgeOutcome | None = None
 
     @property
     def ok(self) -> bool:
@@ -72,12 +81,33 @@ class SourceInfo(BaseModel):
 
     `fallback` is present (true) only when `data` holds the configured fallback in place of a
     failed call; `status` then keeps the failure's kind, so older readers see a failure.
+    `started` is when the source started, in ms since the fan-out began (the waterfall: a source
+    that needs another's answer starts after it); absent for one that never started (cut off by
+    the deadline while it waited for what it needs).
     """
 
     status: SourceStatus
     ms: float
+    started: float | None = None
     cache: SourceCacheState | None = None
     fallback: bool | None = None
+    #: Present (true) only when a hedge (one more identical request) was sent for this source.
+    hedged: bool | None = None
+    #: With `hedged`: which attempt's answer is used (`first` or `hedge`); absent when neither
+    #: answered well.
+    hedge_winner: Literal["first", "hedge"] | None = None
+
+
+class StaleInfo(BaseModel):
+    """Why an answer is older than its cache_ttl: present only on such an answer."""
+
+    #: Seconds since the answer was stored.
+    age: float
+    #: `refreshing`: a refresh runs meanwhile (stale-while-revalidate); `refresh_failed`: the
+    #: refresh this request waited for failed, and this is the last good answer instead.
+    reason: Literal["refreshing", "refresh_failed"]
+    #: What the failed refresh answered (its status and failed sources).
+    detail: str | None = None
 
 
 class Envelope(BaseModel):
@@ -87,3 +117,5 @@ class Envelope(BaseModel):
     errors: dict[str, SourceError]
     sources: dict[str, SourceInfo]
     complete: bool
+    #: Set on a stale answer only (X-Cache: STALE): how old and why.
+    stale: StaleInfo | None = None

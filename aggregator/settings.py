@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import Field, SecretStr, field_validator
+import annotated_types
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from aggregator.errors import AggregatorError
+
+ENV_PREFIX = "AGGREGATOR_"
+
+
+class SettingsError(AggregatorError, ValueError):
+    """An AGGREGATOR_* variable is unusable: one line naming the variable, the value and what
+    is allowed (the `aggregator` command prints it and exits 2)."""
+
 
 Mode = Literal["loop", "threads", "serial"]
 Engine = Literal["aiohttp", "httpx"]
@@ -15,6 +28,10 @@ Engine = Literal["aiohttp", "httpx"]
 MetricsMode = Literal["token", "public", "off"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LogFormat = Literal["text", "json"]
+#: Where breakers and concurrency limits live: each worker (off) or the cache's Redis (fleet-wide).
+SharedResilience = Literal["off", "redis"]
+#: What Hypercorn parses HTTP/1.1 with: stock h11, or its compiled fork (aggregator.serving.http1).
+Http1Parser = Literal["h11", "h11-mypyc"]
 CacheType = Literal["simple", "filesystem", "redis", "redissentinel", "rediscluster", "null"]
 #: Backends whose entries live inside one process: useless (and wrong) with several workers.
 PER_PROCESS_CACHES = frozenset({"simple"})
@@ -23,14 +40,24 @@ PER_PROCESS_CACHES = frozenset({"simple"})
 class Settings(BaseSettings):
     """Serving and client settings; the aggregates themselves live in the TOML config."""
 
-    model_config = SettingsConfigDict(env_prefix="AGGREGATOR_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    def __init__(self, **values: Any) -> None:
+        """From the environment (and `values`); SettingsError, one line, when one is unusable."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise SettingsError(describe(exc, type(self).model_fields, given=values)) from None
 
     #: TOML file with upstreams and aggregates; None means the bundled demo config.
     config: Path | None = None
-    #: How the ASGI adapter runs Flask (DESIGN §2).
+    #: How the ASGI adapter runs Flask (docs/architecture.md, serving).
     mode: Mode = "loop"
-    #: Connection engine under httpx's API; aiohttp's costs half the CPU per call (DESIGN §1).
+    #: Connection engine under httpx's API; aiohttp's costs less CPU per call (docs/benchmarks.md).
     engine: Engine = "aiohttp"
+    #: h11-mypyc: Hypercorn parses HTTP/1.1 with the compiled h11 fork (`fast` extra), checked
+    #: at start-up; stock h11 when it is missing or fails the checks (one warning line).
+    http1_parser: Http1Parser = "h11"
     #: Upstream connections per worker; must exceed concurrent upstream calls or calls queue.
     pool_max_connections: int = Field(default=1024, ge=1)
     pool_max_keepalive: int = Field(default=256, ge=0)
@@ -54,6 +81,10 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=1024, ge=0)
     #: Seconds a client is asked to wait (Retry-After) when refused by `max_in_flight`.
     overload_retry_after: int = Field(default=1, ge=0, le=3600)
+    #: Seconds the lifespan shutdown waits for requests still inside Flask, for an app served
+    #: without an engine (`to_asgi` of a plain Flask app; with one, the longest aggregate
+    #: deadline plus a second). Under Hypercorn its graceful_timeout has ended them already.
+    drain_timeout: float = Field(default=10.0, gt=0)
     #: Threads for `def` views (loop mode) or for whole requests (threads mode).
     threads: int = Field(default=64, ge=1)
     #: The cyclic GC's generation-0 threshold in a serving process (Python's is 700), set with
@@ -64,7 +95,7 @@ class Settings(BaseSettings):
     #: hypercorn.toml); a per-process cache with several workers is refused.
     workers: int = Field(default=1, ge=1)
 
-    # -- caching (flask-caching backends; DESIGN §5) -----------------------------------------
+    # -- caching (flask-caching backends) ------------------------------------------------
     #: simple: one process; filesystem: several workers on one host; redis*: several hosts.
     cache_type: CacheType = "simple"
     cache_dir: Path = Path("/tmp/aggregator-cache")
@@ -86,6 +117,16 @@ class Settings(BaseSettings):
     cache_log_interval: float = Field(default=30.0, gt=0)
     #: Longest a request waits for another request's fill of the same key before its own.
     singleflight_wait: float = Field(default=10.0, gt=0)
+
+    # -- shared resilience state (aggregator.resilience.shared; docs/resilience.md) ----------
+    #: off: every worker keeps its own breakers and limits; redis: one breaker (one probe per
+    #: cool-down) and one max_concurrency per upstream for the whole fleet, in the cache's
+    #: Redis (needs a redis* cache_type), failing open to the local state when Redis is away.
+    shared_resilience: SharedResilience = "off"
+    #: Bound on each shared-state command; past it the worker decides alone (fails open).
+    shared_resilience_timeout: float = Field(default=0.25, gt=0, le=5)
+    #: Seconds between reads of the fleet's state (how soon a worker sees another's trip).
+    shared_resilience_interval: float = Field(default=0.25, gt=0, le=10)
     #: Token for the admin endpoints (Authorization: Bearer ...); unset disables them.
     admin_token: SecretStr | None = None
     #: The live dashboard page at `/` (and its assets under /static/); off: both are 404.
@@ -134,3 +175,47 @@ def split_bind(bind: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"{bind!r} is not host:port (e.g. 127.0.0.1:9100)")
     return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def describe(
+    exc: ValidationError, fields: dict[str, FieldInfo], given: dict[str, Any] | None = None
+) -> str:
+    """pydantic's errors about settings as one line: `AGGREGATOR_MODE='fast': expected one of
+    loop, threads, serial` (the variable, the value as set and what is allowed). `given`: the
+    values passed in code, which the environment does not override."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        name = str(error["loc"][0]) if error["loc"] else "?"
+        field = fields.get(name)
+        variable = ENV_PREFIX + name.upper()
+        secret = field is not None and "SecretStr" in str(field.annotation)
+        raw = os.environ.get(variable) if name not in (given or {}) else None
+        value = "<hidden>" if secret else repr(raw if raw is not None else error.get("input"))
+        if error["type"] == "value_error":
+            allowed = str(error.get("ctx", {}).get("error", error["msg"]))
+        else:
+            allowed = _allowed(field) if field is not None else ""
+            allowed = f"expected {allowed}" if allowed else error["msg"]
+        parts.append(f"{variable}={value}: {allowed}")
+    return "; ".join(parts)
+
+
+def _allowed(field: FieldInfo) -> str:
+    """What a field accepts, in words (empty when there is nothing better than pydantic's)."""
+    annotation = field.annotation
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(annotation))
+    if annotation is bool:
+        return "true or false (1/0, yes/no, on/off)"
+    kind = "an integer" if annotation is int else "a number" if annotation is float else None
+    if kind is None:
+        if args and get_origin(args[0]) is Literal:
+            return "one of " + ", ".join(str(a) for a in get_args(args[0]))
+        return ""
+    bounds = []
+    for rule in field.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if isinstance(rule, getattr(annotated_types, attr.capitalize())):
+                bounds.append(f"{sign} {getattr(rule, attr)}")
+    return f"{kind} {' and '.join(bounds)}" if bounds else kind

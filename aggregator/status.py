@@ -10,10 +10,12 @@ builds the bodies so the two cannot drift; `openapi.build_openapi` includes them
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 from aggregator.models import JSONDict
 from aggregator.routes import DASHBOARD, STATUS
+from aggregator.settings import Http1Parser
 
 if TYPE_CHECKING:
     from aggregator.config import AppConfig
@@ -21,7 +23,8 @@ if TYPE_CHECKING:
 
 SCOPE_NOTE = (
     "state of this worker process only: each worker keeps its own circuit breakers and "
-    "concurrency counts, so another worker may answer differently"
+    "concurrency counts (with shared resilience state, the fleet's circuits as this worker "
+    "last read them), so another worker may answer differently"
 )
 #: The dashboard page's Content-Security-Policy: its own scripts, styles and fetches only.
 DASHBOARD_CSP = (
@@ -54,6 +57,14 @@ def aggregates_meta(config: AppConfig) -> list[JSONDict]:
     ]
 
 
+def parser_in_use() -> Http1Parser:
+    """What Hypercorn's HTTP/1 protocol parses with in this process (`ops.http1` chooses; h11
+    when Hypercorn is not what serves it)."""
+    protocol = sys.modules.get("hypercorn.protocol.h11")
+    module = getattr(protocol, "h11", None)
+    return "h11-mypyc" if getattr(module, "__name__", "") == "h11_mypyc" else "h11"
+
+
 def worker_status(guards: Guards, aggregates: list[JSONDict], pid: int) -> JSONDict:
     """This worker's view: every upstream's breaker and in-flight calls, and the aggregates."""
     sources = {
@@ -66,10 +77,13 @@ def worker_status(guards: Guards, aggregates: list[JSONDict], pid: int) -> JSOND
         }
         for name, guard in guards.items()
     }
+    shared = guards.shared
     return {
         "worker": pid,
+        "http1_parser": parser_in_use(),
         "scope": "worker",
         "note": SCOPE_NOTE,
+        "shared": shared.status() if shared is not None else {"mode": "off", "healthy": False},
         "sources": sources,
         "aggregates": aggregates,
     }
@@ -101,6 +115,20 @@ def status_schemas() -> JSONDict:
             "max_concurrency": {"type": ["integer", "null"], "minimum": 1},
         },
     }
+    shared = {
+        "type": "object",
+        "description": "The shared resilience state (AGGREGATOR_SHARED_RESILIENCE): while "
+        "`healthy`, circuits and limits are fleet-wide (then `circuit` and "
+        "`consecutive_failures` are the fleet's as this worker last read them); otherwise "
+        "this worker decides alone.",
+        "required": ["mode", "healthy"],
+        "properties": {
+            "mode": {"enum": ["off", "redis"]},
+            "state": {"enum": ["starting", "up", "down"]},
+            "healthy": {"type": "boolean"},
+            "failures": {"type": "integer", "minimum": 0},
+        },
+    }
     param = {
         "type": "object",
         "required": ["type", "default", "required"],
@@ -130,8 +158,14 @@ def status_schemas() -> JSONDict:
             "required": ["worker", "scope", "note", "sources", "aggregates"],
             "properties": {
                 "worker": {"type": "integer", "description": "The worker's process id."},
+                "http1_parser": {
+                    "enum": ["h11", "h11-mypyc"],
+                    "description": "What Hypercorn parses HTTP/1.1 with in this worker "
+                    "(AGGREGATOR_HTTP1_PARSER; h11 when served by another server).",
+                },
                 "scope": {"const": "worker"},
                 "note": {"type": "string"},
+                "shared": shared,
                 "sources": {"type": "object", "additionalProperties": source},
                 "aggregates": {"type": "array", "items": aggregate},
             },

@@ -23,6 +23,7 @@ from aggregator.demo.process import DemoProcess, start_demo_process
 from aggregator.serving import AggregatorFlask
 from aggregator.settings import Engine, Settings
 from aggregator.upstream.engines import build_client
+from deploy.local_cluster import LocalCluster, missing_prerequisites
 from tests.support.clients import ENGINES
 from tests.support.configs import five_sources_config
 from tests.support.redis import PrivateRedis, shared_prefix
@@ -187,3 +188,13 @@ def shared_redis_prefix() -> Iterator[str]:
     """A key prefix of this test's own on the shared Redis; its keys are deleted afterwards."""
     with shared_prefix() as prefix:
         yield prefix
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """A fresh multi-host topology (deploy/local_cluster.py): cold cache, every host up."""
+    problem = missing_prerequisites()
+    if problem is not None:
+        pytest.skip(f"the local cluster cannot be built here: {problem}")
+    with LocalCluster(tmp_path / "cluster") as built:
+        yield built

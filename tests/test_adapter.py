@@ -15,7 +15,7 @@ import pytest
 from flask import abort, g, request
 
 from aggregator import create_app
-from aggregator.engine import current_engine
+from aggregator.engine import current_engine, engine_of
 from aggregator.serving import AggregatorFlask, ASGIAdapter
 from aggregator.settings import Mode, Settings
 
@@ -197,7 +197,7 @@ async def test_lifespan_protocol_opens_and_closes_the_shared_client(config_path)
         "lifespan.startup.complete",
         "lifespan.shutdown.complete",
     ]
-    assert adapter.engine.clients.shared() is None  # closed and forgotten at shutdown
+    assert engine_of(adapter.app).clients.shared() is None  # closed and forgotten at shutdown
 
 
 @pytest.mark.parametrize(("threshold", "tuned"), [(12_345, True), (0, False)])
@@ -316,7 +316,7 @@ params = {{ city = "str" }}
             ],
         )
         elapsed = time.perf_counter() - started
-        client = adapter.engine.clients.shared()
+        client = engine_of(adapter.app).clients.shared()
         assert client is not None
         # the upstream call was cancelled, not left running: the pool is empty again
         connector = client._transport.client.connector  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -10,7 +11,7 @@ import pytest
 
 from aggregator import create_app, create_asgi_app
 from aggregator.cache import Caller, purge
-from aggregator.cache.entries import aggregate_key, canonical_params
+from aggregator.cache.entries import aggregate_key, canonical_params, etag_for
 from aggregator.config import parse_config
 from aggregator.errors import CacheUnavailableError
 from aggregator.params import ParamValue
@@ -87,7 +88,9 @@ async def test_etag_and_if_none_match_give_304_without_a_body():
     miss = await service.answer("dash", P, None)
     etag = headers(miss)["ETag"]
     hit_304 = await service.answer("dash", P, Caller(etag))
-    weak_list = await service.answer("dash", P, Caller(f'"other", W/{etag}'))
+    assert etag.startswith('W/"')  # weak: over the content, not the bytes (sources' ms)
+    # Weak comparison: in a list, and with or without the W/ prefix.
+    weak_list = await service.answer("dash", P, Caller(f'"other", {etag.removeprefix("W/")}'))
     changed = await service.answer("dash", P, Caller('"something-else"'))
     assert (hit_304.status, hit_304.body) == (304, b"")
     assert headers(hit_304)["ETag"] == etag
@@ -107,7 +110,12 @@ async def test_stale_while_revalidate_serves_at_once_and_refreshes_once_in_backg
         upstream.delay = 0.2  # a slow refresh must not slow the stale answers
         stale = await asyncio.gather(*[service.answer("dash", P, None) for _ in range(5)])
         assert {headers(a)["X-Cache"] for a in stale} == {"STALE"}
-        assert all(a.body == first.body for a in stale)
+        assert {headers(a)["X-Cache-Stale"] for a in stale} == {"refreshing"}
+        for answer in stale:  # the stored answer, saying it is stale and why
+            body = json.loads(answer.body)
+            assert body.pop("stale") == {"age": 15.0, "reason": "refreshing"}
+            assert body == json.loads(first.body)
+        assert headers(stale[0])["ETag"] == headers(first)["ETag"]  # the content is the same
         assert headers(stale[0])["Cache-Control"] == "max-age=0"
         await asyncio.sleep(0.4)
         assert upstream.calls == 2  # one refresh for five stale answers
@@ -123,8 +131,15 @@ async def test_stale_if_error_serves_the_last_good_answer_instead_of_a_502():
     upstream.status = 502
     clock.now += 50
     answer = await service.answer("dash", P, None)
-    assert answer.status == 200 and answer.body == good.body
+    body = json.loads(answer.body)
+    assert answer.status == 200 and body.pop("stale") == {
+        "age": 50.0,
+        "reason": "refresh_failed",
+        "detail": 'status=502; failed="a"',
+    }
+    assert body == json.loads(good.body)  # the last good answer, saying why it is served
     assert headers(answer)["X-Cache"] == "STALE"
+    assert headers(answer)["X-Cache-Stale"] == 'refresh-failed; status=502; failed="a"'
     clock.now += 100  # past the stale-if-error window: the failure shows
     assert (await service.answer("dash", P, None)).status == 502
 
@@ -284,3 +299,21 @@ def test_bad_parameters_still_get_a_400_not_a_cache_answer(demo, write_config):
     client = create_app(Settings(config=write_config(_cached_config(demo.url)))).test_client()
     r = client.get("/w?city=")
     assert r.status_code == 400 and r.json is not None and r.json["field"] == "city"
+
+
+def test_the_etag_is_over_the_content_not_the_timings() -> None:
+    def body(data: str, ms: float, complete: str = "true") -> bytes:
+        return (
+            b'{"data":{"a":' + data.encode() + b'},"errors":{},"sources":{"a":{"status":"ok",'
+            b'"ms":%r}},"complete":' % ms + complete.encode() + b"}"
+        )
+
+    same = etag_for(body('"x"', 1.5)), etag_for(body('"x"', 97.0))
+    assert same[0] == same[1] and same[0].startswith('W/"')
+    assert etag_for(body('"y"', 1.5)) != same[0]  # other data
+    assert etag_for(body('"x"', 1.5, "false")) != same[0]  # other completeness
+    assert etag_for(body('"x"', 1.5), status=502) != same[0]  # other status
+    # A payload with keys like the envelope's own: only the envelope's `sources` is skipped.
+    nested = '{"n":1,"sources":2,"complete":3}'
+    assert etag_for(body(nested, 1.0)) == etag_for(body(nested, 2.0))
+    assert etag_for(body(nested, 1.0)) != etag_for(body(nested.replace("2", "9"), 1.0))

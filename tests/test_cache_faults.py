@@ -164,7 +164,12 @@ def test_redis_restarted_mid_traffic_fails_no_request(serve, demo, write_config,
     threads = [threading.Thread(target=traffic, args=(w,), daemon=True) for w in range(4)]
     for thread in threads:
         thread.start()
+    # Traffic until answers come from the cache (1.5 s at least; longer on a busy machine).
     time.sleep(1.5)
+    deadline = time.monotonic() + 20
+    while not any(state == "HIT" for _, _, state, _ in list(results)):
+        assert time.monotonic() < deadline, "no answer came from the cache before Redis was killed"
+        time.sleep(0.05)
     private_redis.kill()
     killed_at = time.monotonic()
     time.sleep(1.5)

@@ -108,3 +108,47 @@ def test_cache_works_on_sentinel_and_cluster(topology, request, demo, write_conf
     asyncio.run(purge(service, upstream="profile"))
     assert client.get(url).headers["X-Cache"] == "MISS"
     assert client.get(url).headers["X-Cache"] == "HIT"
+
+
+@pytest.mark.parametrize("topology", ["redissentinel", "rediscluster"])
+async def test_shared_resilience_state_works_on_sentinel_and_cluster(topology, request):
+    """The fleet breaker (trip seen by another worker, the probe lease) and the fleet limit,
+    on the same topologies the cache speaks: one upstream's keys share a Cluster slot."""
+    from aggregator.config import UpstreamConfig
+    from aggregator.resilience.shared import SharedState
+
+    nodes = request.getfixturevalue("sentinel" if topology == "redissentinel" else "cluster")
+    settings = Settings(
+        cache_type=topology,
+        cache_redis_nodes=nodes,
+        shared_resilience="redis",
+        shared_resilience_interval=0.05,
+    )
+    up = UpstreamConfig.model_validate(
+        {"url": "http://upstream.test/x", "breaker_failures": 2, "breaker_cooldown": 0.3}
+    )
+    a, b = SharedState(settings), SharedState(settings)
+    breakers = [a.breaker("up", up), b.breaker("up", up)]
+    await a.start()
+    await b.start()
+    try:
+        assert a.healthy and b.healthy
+        for _ in range(2):
+            permit = breakers[0].acquire()
+            assert permit is not None
+            breakers[0].record(permit, failed=True)
+        deadline = time.monotonic() + 5
+        while breakers[1].state != "open":
+            assert time.monotonic() < deadline, "the trip never reached the other worker"
+            await asyncio.sleep(0.02)
+        probe = None
+        while probe is None:  # after the cool-down, the lease makes one of them the prober
+            assert time.monotonic() < deadline + 5, "no probe lease was ever granted"
+            probe = breakers[1].acquire() or breakers[0].acquire()
+            await asyncio.sleep(0.02)
+        assert probe.probe
+        first = await a.lease("up", 1, 10)
+        assert first and await b.lease("up", 1, 10) is None
+    finally:
+        await a.stop()
+        await b.stop()

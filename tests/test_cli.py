@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 
 from aggregator.demo.knobs import Knobs
@@ -21,6 +24,13 @@ def test_demo_command_passes_its_knobs(runner, monkeypatch):
     assert calls == [("127.0.0.1", 9123, Knobs(latency=0.3, jitter=0.0, failure_rate=0.0))]
 
 
+@pytest.fixture
+def free_binds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` tries its binds before starting; these tests start nothing (whatever holds 8000)."""
+    monkeypatch.setattr("aggregator.ops.serve.busy_binds", lambda binds: [])
+
+
+@pytest.mark.usefixtures("free_binds")
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -35,7 +45,7 @@ def test_demo_command_passes_its_knobs(runner, monkeypatch):
 def test_serve_overrides_only_the_flags_given(runner, monkeypatch, config_path, args, expected):
     seen: dict[str, Any] = {}
 
-    def fake_run_server(hypercorn_config: Path, overrides: dict[str, Any]) -> int:
+    def fake_run_server(hypercorn_config: Path, overrides: dict[str, Any], **_: Any) -> int:
         seen.update(overrides)
         return 0
 
@@ -45,8 +55,9 @@ def test_serve_overrides_only_the_flags_given(runner, monkeypatch, config_path, 
     assert seen == expected
 
 
+@pytest.mark.usefixtures("free_binds")
 def test_serve_exports_settings_for_the_worker_processes(runner, monkeypatch, config_path):
-    monkeypatch.setattr("aggregator.ops.serve.run_server", lambda *_: 0)
+    monkeypatch.setattr("aggregator.ops.serve.run_server", lambda *_, **__: 0)
     result = runner.invoke(
         cli.main, ["serve", "--config", str(config_path), "--mode", "threads", "--engine", "httpx"]
     )
@@ -101,3 +112,29 @@ def test_run_server_refuses_a_per_process_cache_with_several_workers(monkeypatch
     toml = tmp_path / "h.toml"
     toml.write_text("workers = 2\n")
     assert ops_serve.run_server(toml, {"bind": None, "workers": None}) == 1
+
+
+def _options(
+    command: click.Command, path: tuple[str, ...] = ("aggregator",)
+) -> Iterator[tuple[str, click.Option]]:
+    for param in command.params:
+        if isinstance(param, click.Option):
+            yield " ".join(path), param
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _options(sub, (*path, name))
+
+
+def test_every_option_of_every_command_has_help_text():
+    missing = [
+        f"{where} {'/'.join(option.opts)}"
+        for where, option in _options(cli.main)
+        if not option.hidden and not (option.help or "").strip()
+    ]
+    assert missing == []
+
+
+def test_version_prints_the_package_version(runner):
+    result = runner.invoke(cli.main, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"aggregator {importlib.metadata.version('aggregator')}\n"

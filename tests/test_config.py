@@ -9,7 +9,13 @@ import pytest
 from click.testing import CliRunner
 from pydantic import BaseModel
 
-from aggregator.config import AggregateConfig, load_config, parse_config
+from aggregator.config import (
+    AggregateConfig,
+    AppConfig,
+    check_config,
+    load_config,
+    parse_config,
+)
 from aggregator.errors import ConfigError, InvalidRequestError
 from aggregator.ops.cli import main
 
@@ -21,6 +27,12 @@ SECOND_AGGREGATE = """
 path = "/api/b"
 sources = ["x"]
 params = { item = "str" }
+"""
+
+#: A second upstream `y`, its URL ending with the given text.
+UPSTREAM_Y = """
+[upstreams.y]
+url = "http://127.0.0.1:9/y/{}"
 """
 
 
@@ -146,6 +158,28 @@ def test_a_valid_config_file_loads(write_config: WriteConfig) -> None:
             toml(params="{ other = 'str' }"),
             "aggregates.a.params: upstream 'x' needs item but the aggregate has no such parameter",
             id="placeholder-without-param",
+        ),
+        pytest.param(
+            toml(
+                url="http://127.0.0.1:9/items/{item}/{y.id}", extra=UPSTREAM_Y.format("{x.id}")
+            ).replace('sources = ["x"]', 'sources = ["x", "y"]'),
+            "upstreams.x.url: its placeholders need each other in a cycle: x -> y -> x",
+            id="dependency-cycle",
+        ),
+        pytest.param(
+            toml(url="http://127.0.0.1:9/items/{item}/{x.id}"),
+            "upstreams.x.url: its placeholders need each other in a cycle: x -> x",
+            id="dependency-on-itself",
+        ),
+        pytest.param(
+            toml(url="http://127.0.0.1:9/items/{item}?city={nope.city}"),
+            "upstreams.x.url: {nope.city} names an unknown upstream 'nope' (known: x)",
+            id="dependency-unknown-source",
+        ),
+        pytest.param(
+            toml(url="http://127.0.0.1:9/items/{item}?city={y.city}", extra=UPSTREAM_Y.format("")),
+            "aggregates.a.sources: upstream 'x' needs y.city but 'y' is not one of its sources",
+            id="dependency-outside-the-aggregate",
         ),
         pytest.param(
             toml(upstream='schema = "no_such_module_for_tests:Model"'),
@@ -309,6 +343,80 @@ def test_each_mistake_is_one_readable_error(
     assert "\n" not in message
     assert "Value error" not in message
     assert "https://errors.pydantic.dev" not in message
+
+
+def test_dependent_sources_load(write_config: WriteConfig) -> None:
+    config = load_config(
+        write_config(
+            """
+[upstreams.x]
+url = "http://127.0.0.1:9/items/{y.city}?team={y.team.id}&n={y.teams.0.id}"
+
+[upstreams.y]
+url = "http://127.0.0.1:9/y/{item}"
+
+[aggregates.a]
+path = "/api/a"
+sources = ["x", "y"]
+params = { item = "str" }
+"""
+        )
+    )
+
+    template = config.upstreams["x"].template
+    assert template.names == frozenset()  # a field of an answer is no parameter
+    assert template.sources == {"y"}
+    assert [ref.text for ref in template.fields] == ["y.city", "y.team.id", "y.teams.0.id"]
+
+
+def test_a_shared_dependent_upstream_needs_its_source_in_every_aggregate(
+    write_config: WriteConfig,
+) -> None:
+    # x needs y: fine in `a` (both) and `b` (both), not in `c` (x alone).
+    third = SECOND_AGGREGATE.replace("[aggregates.b]", "[aggregates.c]").replace("/api/b", "/api/c")
+    text = toml(
+        url="http://127.0.0.1:9/items/{item}?city={y.city}",
+        extra=UPSTREAM_Y.format("") + SECOND_AGGREGATE.replace('["x"]', '["y", "x"]') + third,
+    ).replace('sources = ["x"]', 'sources = ["x", "y"]', 1)
+
+    error, _ = config_error(write_config, text)
+
+    assert error.problems == [
+        "aggregates.c.sources: upstream 'x' needs y.city but 'y' is not one of its sources"
+    ]
+
+
+def test_a_view_may_use_a_dependent_upstream_without_the_source_it_names() -> None:
+    # A view passes its sources' URL values itself (`profile.city` included): only the file's
+    # aggregates must hold the sources their dotted placeholders name.
+    config = AppConfig.model_validate(
+        {
+            "upstreams": {"x": {"url": "http://127.0.0.1:9/w/{y.city}"}, "y": {"url": "http://h/"}},
+            "aggregates": {"a": {"path": "/api/a", "sources": ["x"]}},
+        }
+    )
+
+    check_config(config, "views", views={"a"})
+    with pytest.raises(ConfigError, match="'y' is not one of its sources"):
+        check_config(config, "aggregates")
+
+
+def test_every_dependency_problem_is_one_line(write_config: WriteConfig) -> None:
+    text = toml(
+        url="http://127.0.0.1:9/items/{item}/{y.id}?z={zz.a}&w={w.a}",
+        extra=UPSTREAM_Y.format("{x.id}") + UPSTREAM_Y.replace("y", "w").format("{w.b.c}"),
+    )
+
+    error, path = config_error(write_config, text)
+
+    assert str(error).splitlines() == [
+        f"invalid config {path}:",
+        "  - upstreams.x.url: {zz.a} names an unknown upstream 'zz' (known: w, x, y)",
+        "  - upstreams.x.url: its placeholders need each other in a cycle: x -> y -> x",
+        "  - upstreams.w.url: its placeholders need each other in a cycle: w -> w",
+        "  - aggregates.a.sources: upstream 'x' needs y.id but 'y' is not one of its sources",
+        "  - aggregates.a.sources: upstream 'x' needs w.a but 'w' is not one of its sources",
+    ]
 
 
 def test_several_mistakes_are_listed_one_per_line(write_config: WriteConfig) -> None:

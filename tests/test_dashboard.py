@@ -3,6 +3,7 @@ headless Chromium against real Hypercorn and the demo upstreams."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -12,11 +13,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from flask.testing import FlaskClient
 
 from aggregator import create_app
-from aggregator.demo.process import DemoProcess
+from aggregator.demo.process import DemoProcess, start_demo_process
 from aggregator.settings import Settings
 from tests.support.chromium import find_chromium, open_page
 from tests.support.paths import ROOT
@@ -128,6 +130,7 @@ def test_the_page_and_its_assets_reference_nothing_outside_the_origin(
         script = r.get_data(as_text=True)
     # Every request the script makes goes to this origin: the aggregates and /status.
     assert re.findall(r"\bfetch\(([^,]+),", script) == ["url"]  # in getJson only
+    assert re.findall(r"new EventSource\(([^)]+)\)", script) == ["url"]  # the same address
     assert re.findall(r"await getJson\(([^,]+),", script) == ["url", "`${meta.root}/status`"]
     assert "const url = `${meta.root}${agg.path}" in script
     assert "innerHTML" not in script  # response text is never parsed as HTML
@@ -202,6 +205,7 @@ async def test_the_page_shows_every_source_and_a_failing_one_in_red(
         answer = json.loads(await page.evaluate("document.getElementById('answer').textContent"))
         shot = await page.screenshot(tmp_path / "dashboard.png")
         first_problems = page.problems()
+        via = await page.evaluate("document.body.dataset.via")
 
         assert [row["name"] for row in rows] == DEMO_SOURCES
         by_name = {row["name"]: row for row in rows}
@@ -227,6 +231,7 @@ async def test_the_page_shows_every_source_and_a_failing_one_in_red(
         assert set(answer["data"]) == set(DEMO_SOURCES) - {"recommendations"}
         assert shot.stat().st_size > 10_000 and shot.read_bytes()[:4] == b"\x89PNG"
         assert first_problems == [], first_problems
+        assert via == "stream"  # Server-Sent Events, rendered on `done` as a JSON answer is
 
         # It keeps refreshing; after breaker_failures (5) timeouts this worker's breaker opens
         # and the page says so, the source now refused at once.
@@ -304,7 +309,12 @@ async def test_the_form_follows_each_aggregates_parameters(
 
     async with open_page(chromium, tmp_path) as page:
         await page.navigate(url)
-        await page.wait_for("document.querySelectorAll('#rows tr').length === 2", timeout=20)
+        # Rows are painted as sources land; the whole answer is drawn once it is done.
+        await page.wait_for(
+            "Number(document.body.dataset.refreshes) >= 1 && "
+            "document.querySelectorAll('#rows tr').length === 2",
+            timeout=20,
+        )
         rows = {row["name"]: row for row in await page.evaluate(ROWS_JS)}
         answer = json.loads(await page.evaluate("document.getElementById('answer').textContent"))
         kept = await page.evaluate("Object.fromEntries(new URLSearchParams(location.search))")
@@ -345,4 +355,209 @@ async def test_the_form_follows_each_aggregates_parameters(
             timeout=20,
         )
         assert await page.evaluate("document.getElementById('banner').hidden") is True
+        assert page.problems() == []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+async def test_a_dependent_sources_bar_starts_where_what_it_needs_ended(
+    chromium: str,
+    serve: Callable[..., Server],
+    demo: DemoProcess,
+    write_config: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
+    server = serve(
+        write_config(
+            f"""
+[upstreams.profile]
+url = "{demo.url}/profile/{{user_id}}?delay=0.2"
+
+[upstreams.weather]
+url = "{demo.url}/weather/{{profile.city}}?delay=0.1"
+
+[upstreams.news]
+url = "{demo.url}/news?delay=0.1"
+
+[aggregates.home]
+path = "/api/home"
+sources = ["profile", "weather", "news"]
+params = {{ user_id = "int" }}
+"""
+        )
+    )
+
+    async with open_page(chromium, tmp_path) as page:
+        await page.navigate(f"{server.url}/?aggregate=home&user_id=7&auto=off")
+        # Rows are painted as sources land; the whole answer is drawn once it is done.
+        await page.wait_for(
+            "Number(document.body.dataset.refreshes) >= 1 && "
+            "document.querySelectorAll('#rows tr').length === 3",
+            timeout=20,
+        )
+        bars: dict[str, dict[str, float]] = await page.evaluate(
+            """Object.fromEntries(Array.from(document.querySelectorAll("#rows tr")).map((tr) => {
+              const bar = tr.querySelector(".latency .bar").getBoundingClientRect();
+              const fill = tr.querySelector(".latency .fill").getBoundingClientRect();
+              return [tr.dataset.source, {left: fill.left - bar.left, right: fill.right - bar.left,
+                                          width: bar.width}];
+            }))"""
+        )
+
+        profile, weather, news = bars["profile"], bars["weather"], bars["news"]
+        assert profile["left"] < 0.05 * profile["width"] and news["left"] < 0.05 * news["width"]
+        # weather waited for profile's answer: its bar starts where profile's ends, never
+        # before it; after it by the loop's delay in starting the call, which a busy machine
+        # stretched to 18 ms (5% of the scale) in one CI run, so the bound is 15% of the scale.
+        width = weather["width"]
+        assert profile["right"] - 0.02 * width <= weather["left"], bars
+        assert weather["left"] <= profile["right"] + 0.15 * width, bars
+        assert weather["right"] > profile["right"] and page.problems() == []
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+async def test_a_stale_answer_shows_how_old_it_is_and_why(
+    chromium: str,
+    serve: Callable[..., Server],
+    write_config: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
+    # The source lives in a demo of its own, stopped once the answer is cached: every refresh
+    # after cache_ttl then fails, and stale-if-error serves the last good answer instead.
+    with start_demo_process(latency=0.0) as own:
+        config = write_config(
+            f"""
+[upstreams.only]
+url = "{own.url}/profile/{{user_id}}"
+retries = 0
+
+[aggregates.board]
+path = "/api/board"
+sources = ["only"]
+params = {{ user_id = "int" }}
+cache_ttl = 1
+stale_if_error_ttl = 600
+"""
+        )
+        server = serve(config)
+        first = await asyncio.to_thread(
+            httpx.get, f"{server.url}/api/board?user_id=7", trust_env=False
+        )
+        assert first.headers["X-Cache"] == "MISS"
+    # `own` is stopped: the upstream is gone.
+
+    async with open_page(chromium, tmp_path) as page:
+        await page.navigate(f"{server.url}/?aggregate=board&user_id=7&refresh=1")
+        await page.wait_for(
+            "document.querySelector('#banner') && "
+            "document.getElementById('banner').textContent.includes('refresh failed')",
+            timeout=30,
+        )
+        banner = await page.evaluate("document.getElementById('banner').textContent")
+        summary: dict[str, str] = await page.evaluate(SUMMARY_JS)
+
+    assert re.fullmatch(
+        r'stale answer, \d+ s old: its refresh failed \(status=502; failed="only"\)', banner
+    ), banner
+    assert re.fullmatch(r"\d+ s, refresh failed", summary["stale"]), summary
+    assert summary["X-Cache"] == "STALE" and summary["HTTP"] == "200"
+
+
+def pair_config(demo_url: str) -> str:
+    """A fast source and one that takes 1.5 s: the page should not wait for it to paint."""
+    return f"""
+[upstreams.fast]
+url = "{demo_url}/profile/{{user_id}}?delay=0.05"
+
+[upstreams.slow]
+url = "{demo_url}/weather/{{city}}?delay=1.5"
+timeout = 3.0
+
+[aggregates.pair]
+path = "/api/pair"
+sources = ["slow", "fast"]
+deadline = 4
+params = {{ city = "str", user_id = "int" }}
+"""
+
+
+LANDED_JS = """
+Object.fromEntries(Array.from(document.querySelectorAll("#rows tr")).map(
+  (tr) => [tr.dataset.source, tr.dataset.state]))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+async def test_the_page_paints_each_source_as_it_lands(
+    chromium: str,
+    serve: Callable[..., Server],
+    demo: DemoProcess,
+    write_config: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
+    server = serve(write_config(pair_config(demo.url)))
+
+    async with open_page(chromium, tmp_path) as page:
+        await page.navigate(f"{server.url}/?aggregate=pair&city=Paris&user_id=7&auto=off")
+        # The fast row is drawn while the slow source is still out (it takes 1.5 s).
+        early = await page.wait_for(
+            f"(() => {{ const rows = {LANDED_JS}; "
+            "return rows.fast === 'ok' && rows.slow === 'pending' && rows; })()",
+            timeout=10,
+        )
+        await page.wait_for("Number(document.body.dataset.refreshes) >= 1", timeout=20)
+        final = await page.evaluate(LANDED_JS)
+        via = await page.evaluate("document.body.dataset.via")
+
+        assert early == {"slow": "pending", "fast": "ok"}
+        assert final == {"slow": "ok", "fast": "ok"} and via == "stream"
+        assert page.problems() == []
+
+
+#: Installed before the page's own script: an EventSource that fails at once, or (with
+#: `es=silent` in the page's address) one that never says anything, as behind a proxy that
+#: holds the stream.
+BROKEN_EVENT_SOURCE = """
+window.EventSource = class extends EventTarget {
+  static CLOSED = 2;
+  constructor(url) {
+    super();
+    this.url = url;
+    this.readyState = 0;
+    window.__eventSources = (window.__eventSources || 0) + 1;
+    if (!location.search.includes("es=silent")) {
+      setTimeout(() => this.dispatchEvent(new Event("error")), 10);
+    }
+  }
+  close() { this.readyState = 2; }
+};
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["fails", "silent"])
+async def test_the_page_falls_back_to_the_json_answer_when_the_stream_does_not_work(
+    chromium: str,
+    serve: Callable[..., Server],
+    demo: DemoProcess,
+    write_config: Callable[[str], Path],
+    tmp_path: Path,
+    mode: str,
+) -> None:
+    server = serve(write_config(pair_config(demo.url)))
+
+    async with open_page(chromium, tmp_path) as page:
+        await page.send("Page.addScriptToEvaluateOnNewDocument", source=BROKEN_EVENT_SOURCE)
+        silent = "&es=silent" if mode == "silent" else ""
+        await page.navigate(f"{server.url}/?aggregate=pair&city=Oslo&user_id=3&refresh=1{silent}")
+        await page.wait_for("Number(document.body.dataset.refreshes) >= 3", timeout=40)
+        rows = await page.evaluate(LANDED_JS)
+        via = await page.evaluate("document.body.dataset.via")
+        tried = await page.evaluate("window.__eventSources")
+
+        assert rows == {"slow": "ok", "fast": "ok"} and via == "json"
+        assert tried == 2  # after two failures in a row it stops trying to stream
         assert page.problems() == []

@@ -161,6 +161,27 @@ async def test_delay_and_size(demo_client: Client) -> None:
     assert Weather.model_validate_json(body).city == "Paris"
 
 
+async def test_tail_knobs_add_a_long_delay_to_some_calls(demo_client: Client) -> None:
+    """tail_every=2: the 1st and 3rd call since the reset take tail_delay more, the 2nd not;
+    tail=1 always, tail=0 never; bad values are 400s naming the knob."""
+
+    async def took(query: str) -> float:
+        started = time.perf_counter()
+        response = await demo_client.get(f"/weather/Paris?{query}")
+        assert response.status == 200
+        return time.perf_counter() - started
+
+    await demo_client.post("/_reset")
+    every = [await took("tail_every=2&tail_delay=0.3") for _ in range(3)]
+    assert every[0] >= 0.3 and every[1] < 0.25 and every[2] >= 0.3, every
+    assert await took("tail=1&tail_delay=0.3") >= 0.3
+    assert await took("tail=0&tail_delay=0.3") < 0.25
+    for bad in ("tail=2", "tail_delay=-1", "tail_every=0"):
+        response = await demo_client.get(f"/weather/Paris?{bad}")
+        body = await response.json()
+        assert (response.status, body["knob"]) == (400, bad.split("=")[0])
+
+
 async def test_echo_reports_raw_path_query_and_headers(demo_client: Client) -> None:
     """Echo shows exactly what arrived, so encoding bugs are visible."""
     response = await demo_client.get(
@@ -169,6 +190,7 @@ async def test_echo_reports_raw_path_query_and_headers(demo_client: Client) -> N
     payload = await response.json()
     assert payload["path"] == "/echo/a%2Fb/S%C3%A3o%20Paulo"
     assert payload["query"] == "q=a%20b&x=1"
+    assert payload["args"] == {"q": "a b", "x": "1"}
     assert payload["headers"]["x-trace"] == "t1"
 
 
@@ -266,3 +288,64 @@ def test_subprocess_stall_lasts_until_the_caller_gives_up(tmp_path: Path) -> Non
     assert (bad.status_code, bad.json()["knob"]) == (400, "stall")
     with pytest.raises(ValueError, match="stall_rate"):
         Knobs(stall_rate=-0.1)
+
+
+# -- payload size (`payload_kb`, `kb=`) ---------------------------------------------------------
+
+_SERVICES: list[tuple[str, str | int, type[pydantic.BaseModel]]] = [
+    ("weather", "Paris", Weather),
+    ("stocks", 7, Stocks),
+    ("news", "general", News),
+    ("profile", 7, Profile),
+    ("recommendations", 7, Recommendations),
+]
+
+
+def test_default_payloads_are_unchanged_by_the_size_knob() -> None:
+    """Without a size, the bytes are today's: no growth list appears, not even an empty one."""
+    from aggregator.demo.payloads import cached_body
+
+    sizes = {service: len(cached_body(service, key)) for service, key, _ in _SERVICES}
+    assert sizes == {
+        "weather": 93,
+        "stocks": 237,
+        "news": 672,
+        "profile": 54,
+        "recommendations": 285,
+    }
+    for service, key, model in _SERVICES:
+        body = cached_body(service, key)
+        assert b"forecast" not in body and b"activity" not in body
+        # Validated and dumped as the aggregator's schema check does: still the same JSON.
+        assert json.loads(body) == model.model_validate_json(body).model_dump(mode="json")
+
+
+@pytest.mark.parametrize("kb", [2.0, 8.0])
+def test_grown_payloads_are_about_the_size_asked_and_survive_validation(kb: float) -> None:
+    from aggregator.demo.payloads import cached_body
+
+    for service, key, model in _SERVICES:
+        body = cached_body(service, key, kb)
+        assert 0.75 * kb * 1024 <= len(body) <= 1.25 * kb * 1024, (service, len(body))
+        # What the aggregator keeps after validating with the demo model is the same size:
+        # the bytes are in fields the models keep, not extras that validation drops.
+        kept = json.dumps(model.model_validate_json(body).model_dump(mode="json"))
+        assert abs(len(kept) - len(body)) <= 0.25 * len(body), (service, len(kept), len(body))
+        assert json.loads(body) == model.model_validate_json(body).model_dump(mode="json")
+        assert cached_body(service, key, kb) == body  # deterministic
+
+
+async def test_size_knob_server_wide_and_per_request() -> None:
+    assert Knobs().payload_kb == 0.0
+    with pytest.raises(ValueError, match="payload_kb"):
+        Knobs(payload_kb=-1)
+    async with TestClient(TestServer(create_demo_app(Knobs(latency=0.0, payload_kb=2)))) as client:
+        grown = await (await client.get("/stocks/7")).read()
+        assert 1536 <= len(grown) <= 2560
+        Stocks.model_validate_json(grown)
+        small = await (await client.get("/stocks/7?kb=0")).read()
+        assert len(small) == 237
+        bigger = await (await client.get("/news?kb=4")).read()
+        assert 3072 <= len(bigger) <= 5120 and len(News.model_validate_json(bigger).articles) > 5
+        bad = await client.get("/news?kb=nope")
+        assert bad.status == 400 and (await bad.json())["knob"] == "kb"

@@ -12,10 +12,10 @@ from httpx_aiohttp import AiohttpTransport
 
 from aggregator.config import AppConfig, parse_config
 from aggregator.demo.process import DemoProcess
-from aggregator.fanout import fan_out
+from aggregator.fanout import Calls, fan_out
 from aggregator.params import ParamValue
 from aggregator.settings import Engine, Settings
-from aggregator.upstream.engines import build_client
+from aggregator.upstream.engines import PoolUsage, build_client, pool_usage
 from tests.support.configs import five_sources_config
 from tests.support.demo import demo_stats, reset_demo
 
@@ -258,3 +258,29 @@ async def test_repeated_early_cancellations_do_not_poison_the_pool(
 
         assert [r.status_code for r in responses] == [200] * 4
         assert_pool_clean(client)
+
+
+@pytest.mark.parametrize("gap", [0, 1, 2, 3], ids=lambda n: f"second-cancel-after-{n}-steps")
+async def test_a_call_cancelled_twice_still_releases_its_connection(
+    demo: DemoProcess, engine_client: httpx.AsyncClient, gap: int
+) -> None:
+    # A client leaving cancels the call once, and the fan-out (or a deadline) may cancel it
+    # again while the HTTP stack is still closing the connection after the first.
+    config = mixed_config(demo.url)
+    calls = Calls(engine_client, config, deadline=30, max_body=MAX_BODY)
+    task = asyncio.create_task(calls.call("hanging", PARAMS))
+    await asyncio.sleep(0.3)  # connected, the request sent, waiting for the answer
+    task.cancel()
+    for _ in range(gap):
+        await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    for _ in range(100):  # the clean-up goes on without us; give it a moment
+        if pool_usage(engine_client) == PoolUsage(in_use=0, idle=0, waiting=0):
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)
+    assert_pool_clean(engine_client)
+    assert calls.outstanding() == {"hanging": "hanging"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -162,6 +163,36 @@ def test_server_timing_has_one_entry_per_source() -> None:
         'weather;dur=101.2;desc="ok", news;dur=800.4;desc="timeout", profile;dur=0;desc="ok"'
     )
     assert len(timing.split(", ")) == 3
+
+
+# The Server-Timing grammar (W3C Server Timing, with RFC 9110's token and quoted-string).
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED = r'"(?:[\t !#-\[\]-~]|\\[\t -~])*"'
+_METRIC = re.compile(rf"{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}[ \t]*=[ \t]*(?:{_TOKEN}|{_QUOTED}))*")
+
+
+def test_server_timing_says_when_each_source_started_and_stays_valid() -> None:
+    weather = ok("weather", ms=101.2)
+    weather.started = 48.1
+    first = ok("profile", ms=48.0)
+    first.started = 0.0
+    never = failed("late", "deadline", ms=1500.0)  # cut off while it waited: never started
+
+    timing = server_timing(results(first, weather, never))
+
+    assert timing == (
+        'profile;dur=48.0;desc="ok";start=0.0, weather;dur=101.2;desc="ok";start=48.1, '
+        'late;dur=1500.0;desc="deadline"'
+    )
+    for entry in timing.split(", "):
+        assert _METRIC.fullmatch(entry), entry
+    envelope, _ = merge(results(first, weather, never), required=[])
+    dumped = envelope.model_dump(mode="json", exclude_none=True)["sources"]
+    assert dumped == {
+        "profile": {"status": "ok", "ms": 48.0, "started": 0.0},
+        "weather": {"status": "ok", "ms": 101.2, "started": 48.1},
+        "late": {"status": "deadline", "ms": 1500.0},
+    }
 
 
 def test_server_timing_of_nothing_is_empty() -> None:

@@ -21,7 +21,6 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import ValidationError
 
 from aggregator import create_app, metrics
 from aggregator.config import parse_config
@@ -35,7 +34,7 @@ from aggregator.ops.warm.report import PlainReporter
 from aggregator.ops.warm.warmers import RunOptions
 from aggregator.resilience import BreakerState, CircuitBreaker
 from aggregator.serving import ASGIAdapter
-from aggregator.settings import Settings
+from aggregator.settings import Settings, SettingsError
 from tests.support.configs import METRICS_TOKEN as TOKEN
 from tests.support.configs import shop_config
 from tests.support.paths import ROOT
@@ -104,8 +103,9 @@ def test_counts_are_exact_for_misses_hits_failures_and_a_bad_request(
     assert value(s, "aggregator_source_errors_total", **broken, kind="circuit_open") == 1
     assert value(s, "aggregator_source_errors_total", **broken, kind="timeout") == 0
     assert value(s, "aggregator_source_errors_total", source="good", kind="http_status") == 0
-    assert value(s, "aggregator_circuit_state", source="broken") == 2
-    assert value(s, "aggregator_circuit_state", source="good") == 0
+    for state, broken_is, good_is in (("closed", 0, 1), ("half_open", 0, 0), ("open", 1, 0)):
+        assert value(s, "aggregator_circuit_state", source="broken", state=state) == broken_is
+        assert value(s, "aggregator_circuit_state", source="good", state=state) == good_is
 
 
 @pytest.mark.integration
@@ -212,7 +212,7 @@ def aggregator_serve(
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, log, timeout=30)
+        wait_healthy(url, proc, log)
         yield url, proc, log
     finally:
         proc.send_signal(signal.SIGINT)
@@ -251,6 +251,11 @@ async def test_serve_gives_several_workers_a_private_dir_and_a_metrics_listener(
         plain = {"aggregate": "plain", "status": "200"}
         for samples in (by_listener, scrape(url)):  # the parent's listener and a worker agree
             assert value(samples, "aggregator_requests_total", **plain) == sent
+            # merged over the workers (livemax): one 0/1 series per breaker state
+            for state, is_in in (("closed", 1), ("half_open", 0), ("open", 0)):
+                assert (
+                    value(samples, "aggregator_circuit_state", source="good", state=state) == is_in
+                )
         assert f"metrics: http://{listen}/metrics" in log.read_text()
     assert not list(scratch.glob("aggregator-metrics-*"))  # removed at exit
     assert "Traceback" not in log.read_text()
@@ -346,7 +351,7 @@ def test_a_multiprocess_dir_that_is_not_a_directory_is_refused(config_path, monk
 
 @pytest.mark.parametrize("bind", ["9100", "localhost", ":9100", "host:99999", "host:x"])
 def test_a_bad_metrics_bind_is_a_settings_error(bind):
-    with pytest.raises(ValidationError, match="is not host:port"):
+    with pytest.raises(SettingsError, match="is not host:port"):
         Settings(metrics_bind=bind)
 
 
@@ -385,6 +390,7 @@ def test_source_results_count_calls_errors_and_refusals_apart():
         ("aggregator_source_duration_seconds_count", {"source": "u"}),
         ("aggregator_source_errors_total", {"source": "u", "kind": "timeout"}),
         ("aggregator_source_errors_total", {"source": "u", "kind": "circuit_open"}),
+        ("aggregator_source_errors_total", {"source": "u", "kind": "dependency"}),
     ]
     before = [_sample(name, **labels) for name, labels in watched]
     recorder.sources(
@@ -393,10 +399,11 @@ def test_source_results_count_calls_errors_and_refusals_apart():
             SourceResult("u", "ok", 0.1, cache="hit"),  # from the source cache: no call
             SourceResult("u", "timeout", 800.0),
             SourceResult("u", "circuit_open", 0.0),  # refused: an error, not a call
+            SourceResult("u", "dependency", 0.0),  # what it needed was missing: not called
         ]
     )
     after = [_sample(name, **labels) for name, labels in watched]
-    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 1]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [2, 1, 1, 1]
 
 
 def test_the_breaker_reports_each_state_change_once():
@@ -425,9 +432,41 @@ def test_the_circuit_gauge_follows_the_breaker():
     )
     listener = metrics.PrometheusRecorder(config).circuit_listener("g")
     assert listener is not None
-    assert _sample("aggregator_circuit_state", source="g") == 0
+
+    def states() -> dict[str, float]:
+        return {
+            state: _sample("aggregator_circuit_state", source="g", state=state)
+            for state in ("closed", "half_open", "open")
+        }
+
+    assert states() == {"closed": 1, "half_open": 0, "open": 0}  # one 0/1 series per state
     listener("open")
-    assert _sample("aggregator_circuit_state", source="g") == 2
+    assert states() == {"closed": 0, "half_open": 0, "open": 1}
     listener("half_open")
-    assert _sample("aggregator_circuit_state", source="g") == 1
+    assert states() == {"closed": 0, "half_open": 1, "open": 0}
     assert metrics.OFF.circuit_listener("g") is None
+
+
+@pytest.mark.integration
+def test_the_metrics_listener_answers_with_one_worker(
+    demo: DemoProcess, write_config: Callable[[str], Path], tmp_path: Path
+) -> None:
+    # One worker (the default) is served in `aggregator serve`'s own process: the listener
+    # there must read that process's numbers (it answered 200 with an empty body).
+    listen = f"127.0.0.1:{free_port()}"
+    env = {"AGGREGATOR_METRICS_BIND": listen}  # no token: the listener alone turns metrics on
+    config = write_config(uncached_config(demo.url))
+    with aggregator_serve(tmp_path, config, env=env) as (url, _, log):
+        for user in range(3):
+            r = httpx.get(f"{url}/api/plain", params={"user_id": user}, trust_env=False)
+            assert r.status_code == 200
+        listener = httpx.get(f"http://{listen}/metrics", trust_env=False, timeout=10)
+        assert listener.status_code == 200 and listener.text
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(listener.text)
+            for s in family.samples
+        }
+        assert value(samples, "aggregator_requests_total", aggregate="plain", status="200") == 3
+        assert f"metrics: http://{listen}/metrics" in log.read_text()
+    assert "Traceback" not in log.read_text()

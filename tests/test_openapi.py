@@ -19,6 +19,7 @@ from aggregator.config import default_config_text, parse_config
 from aggregator.engine import engine_of
 from aggregator.openapi import build_openapi
 from aggregator.settings import Settings
+from tests.support.openapi import response_validator
 
 TWO_AGGREGATES = """
 [upstreams.weather]
@@ -50,15 +51,6 @@ def demo_document() -> dict[str, Any]:
     return build_openapi(
         parse_config(default_config_text(), "demo"), sync_prefixes=("/sync", "/sync-pool")
     )
-
-
-def response_validator(document: dict[str, Any], path: str, status: int) -> Any:
-    """A JSON Schema validator for the body of `status` at GET `path`, refs resolved in place."""
-    operation = document["paths"][path]
-    method = "get" if "get" in operation else "post"
-    schema = operation[method]["responses"][str(status)]["content"]["application/json"]["schema"]
-    whole = {**schema, "components": document["components"]}
-    return jsonschema.Draft202012Validator(whole)
 
 
 def test_the_demo_document_is_valid_openapi_3_1():
@@ -140,6 +132,55 @@ class _Assets(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.urls += [v for k, v in attrs if k in ("src", "href") and v]
+
+
+GRAPH = """
+[upstreams.profile]
+url = "http://127.0.0.1:9/profile/{user_id}"
+schema = "aggregator.demo.models:Profile"
+
+[upstreams.weather]
+url = "http://127.0.0.1:9/weather/{profile.city}?units={units}"
+schema = "aggregator.demo.models:Weather"
+
+[aggregates.pw]
+path = "/api/pw"
+sources = ["profile", "weather"]
+params = { user_id = "int", units = { type = "str", default = "metric" } }
+"""
+
+
+def test_a_graph_documents_its_parameters_only_and_the_dependency_kind():
+    document = build_openapi(parse_config(GRAPH, "graph"))
+    validate(document)
+    operation = document["paths"]["/api/pw"]["get"]
+
+    queried = [p["name"] for p in operation["parameters"] if p["in"] == "query"]
+    assert queried == ["user_id", "units"]  # {profile.city} is an answer's field, no parameter
+    assert "weather after profile" in operation["description"]
+    validator = response_validator(document, "/api/pw", 200)
+    validator.validate(
+        {
+            "data": {"profile": {"user_id": 7, "name": "Ken", "city": "Oslo", "plan": "free"}},
+            "errors": {
+                "weather": {"kind": "dependency", "detail": "needs profile.city: ..."},
+            },
+            "sources": {
+                "profile": {"status": "ok", "ms": 50.2, "started": 0.1},
+                "weather": {"status": "dependency", "ms": 0.0, "started": 50.4},
+            },
+            "complete": False,
+        }
+    )
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(
+            {
+                "data": {"profile": {"user_id": 7, "name": "Ken", "city": "Oslo", "plan": "free"}},
+                "errors": {"weather": {"kind": "needs-a-city", "detail": "x"}},
+                "sources": {s: {"status": "ok", "ms": 1.0} for s in ("profile", "weather")},
+                "complete": False,
+            }
+        )
 
 
 def test_docs_page_uses_only_local_assets(client):

@@ -17,6 +17,7 @@ from openapi_spec_validator import validate
 
 from aggregator import create_app
 from aggregator.config import load_config
+from aggregator.engine import engine_of
 from aggregator.openapi import build_openapi
 from aggregator.routes import ALWAYS_ANSWERED, METRICS, STATUS
 from aggregator.serving import ASGIAdapter
@@ -199,7 +200,7 @@ params = {{ user_id = "int" }}
     assert r.status_code == 200, r.text  # not cut: the client was closed after it finished
     assert r.json()["complete"] is True
     assert 0.5 < waited < 3.0  # waited for the ~1 s call, within the deadline + 1 s bound
-    assert adapter.engine.clients.shared() is None  # and then closed
+    assert engine_of(adapter.app).clients.shared() is None  # and then closed
 
 
 @pytest.mark.integration

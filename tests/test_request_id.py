@@ -7,6 +7,7 @@ The integration tests run real Hypercorn against the demo, which records what it
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from aggregator import create_app
+from aggregator import context, create_app
 from aggregator.context import accept_request_id, read_request, request_id
 from aggregator.demo.process import DemoProcess, free_port
 from aggregator.serving import ASGIAdapter
@@ -300,3 +301,28 @@ def test_other_serving_modes_keep_and_send_the_id(
     assert pooled.headers["x-request-id"] == "p"
     assert GENERATED.fullmatch(missing.headers["x-request-id"])
     assert ids_seen(demo, "echo") == [f"{mode}-1", "p"]
+
+
+def test_new_ids_are_unique_hex_across_batches() -> None:
+    ids = [context.new_request_id() for _ in range(3 * context._ID_BATCH + 7)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_never_reuses_the_parents_spare_ids() -> None:
+    context.new_request_id()  # the parent now holds spare ids
+    spare = set(context._spare_ids)
+    assert spare
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next ids, then leave at once
+        try:
+            os.write(write, " ".join(context.new_request_id() for _ in range(5)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as got:
+        child_ids = set(got.read().split())
+    os.waitpid(pid, 0)
+    assert len(child_ids) == 5 and not child_ids & spare

@@ -14,24 +14,24 @@ from aggregator.serving.fastpath import FastPath
 from tests.support.configs import cached_config
 from tests.support.fake_cache import P, headers, make_cache
 
-_ENTRY = re.compile(r'^([\w-]+)(?:;dur=([0-9.]+))?(?:;desc="([^"]*)")?$')
+_ENTRY = re.compile(r'^([\w-]+)(?:;dur=([0-9.]+))?(?:;desc="([^"]*)")?(?:;start=([0-9.]+))?$')
 
 
-def timing(source: Answer | httpx.Response) -> dict[str, tuple[float, str | None]]:
-    """Parse Server-Timing into {name: (dur, desc)}; every entry must have a duration."""
+def timing(source: Answer | httpx.Response) -> dict[str, tuple[float, str | None, float | None]]:
+    """Parse Server-Timing into {name: (dur, desc, start)}; every entry must have a duration."""
     raw = (
         headers(source)["Server-Timing"]
         if isinstance(source, Answer)
         else source.headers["server-timing"]
     )
-    entries: dict[str, tuple[float, str | None]] = {}
+    entries: dict[str, tuple[float, str | None, float | None]] = {}
     for part in raw.split(", "):
         match = _ENTRY.match(part)
         assert match is not None, f"malformed Server-Timing entry {part!r} in {raw!r}"
-        name, dur, desc = match.groups()
+        name, dur, desc, start = match.groups()
         assert dur is not None, f"entry without dur: {part!r}"
         assert name not in entries, f"{name} twice in {raw!r}"
-        entries[name] = (float(dur), desc)
+        entries[name] = (float(dur), desc, None if start is None else float(start))
     return entries
 
 
@@ -144,6 +144,11 @@ def test_over_hypercorn_total_covers_the_slowest_source_and_hits_are_quick(
     assert slowest >= 100
     assert entries["total"][0] >= slowest
     assert set(miss.json()["sources"]) == set(sources)
+    # Every source started at once (none needs another), and says when, here and in the body.
+    starts = [entries[name][2] for name in sources]
+    assert all(start is not None and 0 <= start < 50 for start in starts), entries
+    assert [miss.json()["sources"][name]["started"] for name in sources] == starts
+    assert entries["cache"][2] is None and entries["total"][2] is None
     hit_entries = timing(hit)
     assert list(hit_entries) == ["cache", "total"]
     assert hit_entries["total"][0] < 100  # answered from the cache, no source ran

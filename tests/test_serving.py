@@ -199,7 +199,7 @@ def test_aggregator_serve_with_no_config_starts_the_demo(tmp_path):
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, log, timeout=30)
+        wait_healthy(url, proc, log)
         r = httpx.get(f"{url}/api/dashboard?{QUERY}", trust_env=False, timeout=10)
         assert r.status_code == 200, r.text
         assert r.json()["complete"] is True

@@ -144,7 +144,7 @@ def _start(
         popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://{bind}"
     try:
-        wait_healthy(url, popen, log, timeout=30)
+        wait_healthy(url, popen, log)
     except RuntimeError:
         popen.kill()
         popen.wait(5)

@@ -105,7 +105,6 @@ def test_soak_command_reports_writes_json_and_exits_1_on_failure(runner, monkeyp
         return result
 
     monkeypatch.setattr(soak, "run_soak", fake_run)
-    monkeypatch.setattr("aggregator.bench.command.run_soak", fake_run)
     out = tmp_path / "soak.json"
     result = runner.invoke(
         cli.main, ["soak", "-d", "60", "-c", "16", "--max-in-flight", "64", "--out", str(out)]
@@ -129,7 +128,10 @@ def test_short_soak_passes(monkeypatch):
     report = "\n".join([*progress, *soak.report(result)])
     assert result.load is not None and result.load.requests > 500, report
     assert result.load.partial > 0, report  # failures were injected, served as partial answers
-    assert result.upstream_calls > 5 * result.load.requests, report  # and some were retried
+    # ...and retried: the demo saw one request's call to one source more than once. (Not "more
+    # calls than 5 per request": on a loaded machine breakers open and fewer calls go out.)
+    assert result.retried_calls > 0, report
+    assert result.upstream_calls > result.retried_calls, report
     assert result.checks == {
         "no unexpected answers": True,
         "no leaked file descriptors": True,
@@ -145,3 +147,22 @@ def test_soak_json_is_complete(tmp_path: Path) -> None:
     assert data["passed"] is True
     assert data["load"]["designed_5xx"] == 10
     assert data["rss_growth"] == pytest.approx(0.05)
+
+
+def test_retried_calls_counts_repeats_of_one_request_and_path() -> None:
+    def req(request_id: str | None, path: str) -> dict[str, Any]:
+        headers = {} if request_id is None else {"x-request-id": request_id}
+        return {"method": "GET", "host": "h", "raw_path": path, "headers": headers}
+
+    listing = {
+        "requests": [
+            req("a", "/weather"),
+            req("a", "/stocks"),
+            req("a", "/weather"),  # a retry
+            req("a", "/weather"),  # and another
+            req("b", "/weather"),  # another request's call
+            req(None, "/weather"),  # no id: never counted
+            req(None, "/weather"),
+        ]
+    }
+    assert soak.retried_calls(listing) == 2

@@ -35,7 +35,9 @@ aggregator_source_duration_seconds_count{source="s"} 6.0
 aggregator_source_errors_total{kind="timeout",source="s"} 1.0
 aggregator_source_errors_total{kind="circuit_open",source="s"} 2.0
 # TYPE aggregator_circuit_state gauge
-aggregator_circuit_state{source="s"} 1.0
+aggregator_circuit_state{source="s",state="closed"} 1.0
+aggregator_circuit_state{source="s",state="half_open"} 1.0
+aggregator_circuit_state{source="s",state="open"} 0.0
 # TYPE aggregator_requests_in_flight gauge
 aggregator_requests_in_flight 3.0
 """
@@ -47,12 +49,30 @@ def test_parse_reduces_the_text_to_what_the_view_shows():
     source = snap.sources["s"]
     assert source.requests == 8  # 6 calls + 2 refused by the breaker
     assert source.errors == {"timeout": 1, "circuit_open": 2}
-    assert source.circuit == 1
+    assert source.circuit == "half_open"  # two workers: one closed, one half-open; the worst
     # rank 3 of 6 lies in (0.1, 0.2] holding 4 observations: 0.1 + 0.1 x (3 - 2) / 4
     median = source.calls.quantile(0.5)
     assert median is not None and math.isclose(median, 0.125)
     shop = snap.aggregates["shop"]
     assert shop.requests == 10 and shop.cache == {"hit": 6, "miss": 4}
+
+
+def test_the_circuit_is_the_worst_state_a_series_says_one_for_and_old_numbers_still_read():
+    lines = [
+        "# TYPE aggregator_circuit_state gauge",
+        'aggregator_circuit_state{source="a",state="closed"} 1.0',
+        'aggregator_circuit_state{source="a",state="half_open"} 0.0',
+        'aggregator_circuit_state{source="a",state="open"} 1.0',
+        'aggregator_circuit_state{source="b",state="closed"} 1.0',
+        'aggregator_circuit_state{source="b",state="open"} 0.0',
+        'aggregator_circuit_state{source="old"} 2.0',
+    ]
+    snap = parse("\n".join(lines) + "\n", taken=0.0)
+    assert {name: s.circuit for name, s in snap.sources.items()} == {
+        "a": "open",
+        "b": "closed",
+        "old": "open",
+    }
 
 
 def test_quantiles_beyond_the_last_bucket_and_without_data():

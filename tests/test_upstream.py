@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,8 +18,9 @@ from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
 from aggregator.config import parse_config
 from aggregator.demo.process import DemoProcess
+from aggregator.errors import UpstreamInvalidPayloadError
 from aggregator.settings import Engine, Settings
-from aggregator.upstream import UpstreamClients, fetch
+from aggregator.upstream import UpstreamClients, checks, fetch
 from aggregator.upstream.engines import build_client
 from tests.support.clients import ENGINES, closed_port, upstream
 
@@ -688,3 +690,56 @@ async def test_each_engine_has_its_own_shared_client() -> None:
         assert first.shared() is client and not client.is_closed
     finally:
         await first.close()
+
+
+# --- decoding: pydantic-core's parser where it decides as json.loads would ---------------------
+
+_WEATHER_BODY = (
+    b'{"city": "Paris", "temperature_c": 21, "conditions": "sunny",'
+    b' "updated_at": "2024-05-01T12:00:00+00:00"}'
+)
+
+
+def test_a_body_with_a_model_is_parsed_by_pydantic_not_json_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_json_loads(body: bytes) -> object:
+        raise AssertionError("json.loads ran on a body pydantic-core can parse")
+
+    monkeypatch.setattr(json, "loads", no_json_loads)  # the module checks.py calls
+    config = upstream(f"{BASE}/weather/{{city}}", schema=WEATHER)
+    data = checks.decode("weather", config, _WEATHER_BODY)
+    assert data["temperature_c"] == 21.0 and data["updated_at"] == "2024-05-01T12:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("body", "outcome"),
+    [
+        pytest.param(_WEATHER_BODY, "ok", id="plain"),
+        pytest.param(b"\xef\xbb\xbf" + _WEATHER_BODY, "ok", id="utf8-bom"),
+        pytest.param(_WEATHER_BODY.decode().encode("utf-16"), "ok", id="utf-16"),
+        pytest.param(_WEATHER_BODY.replace(b"sunny", b"\\ud800"), "ok", id="lone-surrogate"),
+        pytest.param(_WEATHER_BODY[:-1], "invalid_json", id="cut"),
+        pytest.param(b'{"city": [' + b"[" * 200 + b"]" * 200 + b"]}", "invalid_json", id="deep"),
+        pytest.param(b'{"city": "Paris"}', "validation", id="wrong-shape"),
+    ],
+)
+def test_decoding_with_a_model_decides_as_json_loads_then_validation(
+    body: bytes, outcome: str
+) -> None:
+    """The fast parser is an optimisation: every body is accepted or refused as before."""
+    config = upstream(f"{BASE}/weather/{{city}}", schema=WEATHER)
+    assert config.model is not None
+    try:
+        expected: object = config.model.model_validate(json.loads(body)).model_dump(mode="json")
+    except ValueError:
+        expected = None  # invalid JSON or a validation error (both are ValueErrors)
+    try:
+        data = checks.decode("weather", config, body)
+    except UpstreamInvalidPayloadError as exc:
+        assert exc.kind == outcome, exc.detail
+        assert expected is None
+        if outcome == "validation":
+            assert "temperature_c" in exc.locations
+    else:
+        assert outcome == "ok" and data == expected

@@ -67,6 +67,46 @@ def test_hostile_value_stays_in_its_segment(value: str) -> None:
     assert rendered.isascii()
 
 
+DOTTED = "https://api.example.com:8443/v1/{profile.city}/forecast?q={profile.team.id}&units=metric"
+
+
+def test_dotted_placeholders_name_fields_of_answers_not_parameters() -> None:
+    template = UrlTemplate.parse(
+        "http://h/v1/{profile.city}/{user_id}?team={profile.team.id}&x={my-src.0}&c={profile.city}"
+    )
+
+    assert template.names == {"user_id"}
+    assert [(f.text, f.source, f.path) for f in template.fields] == [
+        ("profile.city", "profile", ("city",)),
+        ("profile.team.id", "profile", ("team", "id")),
+        ("my-src.0", "my-src", ("0",)),
+    ]
+    assert template.sources == {"profile", "my-src"}
+    # A hyphen is only part of a source name: `{x-y}` is no placeholder, as before.
+    assert UrlTemplate.parse("http://h/{x-y}").names == frozenset()
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_value_of_a_field_stays_in_its_segment(value: str) -> None:
+    rendered = UrlTemplate.parse(DOTTED).render({"profile.city": value, "profile.team.id": value})
+
+    url = httpx.URL(rendered)
+    assert (url.scheme, url.host, url.port) == ("https", "api.example.com", 8443)
+    assert url.userinfo == b""
+    assert url.fragment == ""
+    segments = path_segments(url)
+    assert segments[0] == "v1"
+    assert segments[2] == "forecast"
+    assert len(segments) == 3
+    assert segments[1] not in (".", "..")
+    assert unquote(segments[1]) == value
+    assert list(url.params.keys()) == ["q", "units"]
+    assert url.params["q"] == value
+    assert url.params["units"] == "metric"
+    assert not any(c in rendered for c in " \r\n\t\\")
+    assert rendered.isascii()
+
+
 @pytest.mark.parametrize("value", ["..", ".", "a.b", "..."])
 def test_dots_are_encoded_in_the_path_but_not_the_query(value: str) -> None:
     rendered = UrlTemplate.parse(TEMPLATE).render({"city": value, "topic": value})

@@ -40,7 +40,7 @@ from aggregator.settings import Settings
 from tests.support.demo import demo_stats, reset_demo
 from tests.support.paths import ROOT
 from tests.support.redis import SHARED_REDIS_URL
-from tests.support.servers import get_fresh, wait_for_workers
+from tests.support.servers import get_fresh, start_own_app, wait_for_workers
 
 # The CLI's logging set-up would outlive CliRunner's stderr (conftest.no_log_handlers).
 pytestmark = pytest.mark.usefixtures("no_log_handlers")
@@ -522,9 +522,49 @@ def test_http_mode_needs_a_reachable_url_and_a_token(runner, offline_config, mon
     )
 
     assert no_token.exit_code == 2
-    assert "set AGGREGATOR_ADMIN_TOKEN" in no_token.output
+    assert "pass --token (or set AGGREGATOR_ADMIN_TOKEN)" in no_token.output
     assert refused.exit_code == 2
     assert f"cannot reach {url}" in refused.output
+
+
+@pytest.mark.parametrize("cache_type", ["simple", "null"])
+def test_a_dry_run_shows_its_targets_with_any_cache_and_says_a_real_run_is_refused(
+    runner, offline_config, monkeypatch, cache_type
+):
+    monkeypatch.setenv("AGGREGATOR_CACHE_TYPE", cache_type)
+
+    result = runner.invoke(
+        cli.main, ["warm", "--all", "--dry-run", "--config", str(offline_config)]
+    )
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("would warm ")
+    assert lines[-2].startswith("dry run: ") and lines[-2].endswith("; nothing contacted")
+    assert lines[-1].startswith(f"a real run would be refused: cache_type={cache_type!r}")
+    assert "not warmable" in lines[-1]
+
+
+def test_the_token_for_url_can_be_given_as_an_option_and_is_never_shown(
+    runner, offline_config, monkeypatch
+):
+    monkeypatch.delenv("AGGREGATOR_ADMIN_TOKEN", raising=False)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    secret = "s3cret-token-for-this-test"
+
+    given = runner.invoke(
+        cli.main,
+        ["warm", "--all", "--url", url, "--token", secret, "--config", str(offline_config)],
+    )
+    dry = runner.invoke(
+        cli.main, ["warm", "--all", "--url", url, "--dry-run", "--config", str(offline_config)]
+    )
+
+    assert given.exit_code == 2
+    assert f"cannot reach {url}" in given.output  # past the token check: it was taken
+    assert secret not in given.output
+    assert dry.exit_code == 0, dry.output
+    assert "a real run would be refused: no admin token (pass --token" in dry.output
 
 
 @pytest.mark.integration
@@ -857,3 +897,36 @@ def test_exit_codes(ten_targets):
     assert exit_code("warmed", "partial") == 1
     assert exit_code("failed") == 1
     assert exit_code("warmed", "not_run", signum=signal.SIGINT) == 130
+
+
+@pytest.mark.integration
+def test_warm_app_fills_a_views_warm_list_that_its_server_then_hits(demo, tmp_path):
+    # A developer's app: its aggregates are views, declared in code, not in any config file.
+    settings = {
+        "cache_type": "filesystem",
+        "cache_dir": str(tmp_path / "cache"),
+        "demo_url": demo.url,
+    }
+    app = "tests.support.views_app:app"
+
+    warmed = run_warm("--all", "--app", app, **settings)
+
+    assert warmed.returncode == 0, warmed.stderr + warmed.stdout
+    assert re.search(r"^warmed home user_id=1 ", warmed.stdout, re.M), warmed.stdout
+    server = start_own_app(tmp_path, "aggregator", "serve", "--app", app, **settings)
+    try:
+        response = httpx.get(f"{server.url}/home?user_id=1", trust_env=False, timeout=10)
+        # Its cache_ttl is 1 s: by the time the server is up the warmed entry may be stale.
+        assert response.headers["X-Cache"] in ("HIT", "STALE")
+    finally:
+        server.stop()
+
+
+def test_warm_app_refuses_a_config_too_and_an_app_without_engine(tmp_path):
+    both = run_warm("--all", "--app", "tests.support.views_app:app", "--config", "x.toml")
+    plain = run_warm("--all", "--app", "tests.support.own_app:app")
+
+    assert both.returncode == 2 and "give --app or --config, not both" in both.stderr
+    assert plain.returncode == 2
+    assert plain.stderr.strip().endswith("has no aggregator engine (use Aggregator(app))")
+    assert "Traceback" not in both.stderr + plain.stderr

@@ -1,4 +1,4 @@
-"""The bench's charts: throughput and p99 against concurrency, one line per target.
+"""The bench's charts: throughput and p99 against concurrency, one line per target (and path).
 
 matplotlib is imported only when charts are drawn: it is a `bench` extra, and slow to import.
 """
@@ -87,7 +87,9 @@ def write_charts(result: BenchResult, rows: list[Row], out: Path) -> list[Path]:
                     linestyle=style.linestyle,
                 )
         levels = list(result.options.levels)
-        if attr == "rps":
+        if result.options.app is not None:
+            pass  # a developer's own views: no ideal and no floor the bench could know
+        elif attr == "rps":
             fan_out = Target("loop", "async", "aiohttp")
             ideal = [result.options.workload.ideal_rps(c, fan_out) or math.nan for c in levels]
             ax.plot(levels, ideal, linestyle=":", color="grey", label="ideal C/L")
@@ -103,7 +105,7 @@ def write_charts(result: BenchResult, rows: list[Row], out: Path) -> list[Path]:
         ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
         ax.set_yscale("log")
         ax.set_xlabel("concurrent clients")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label.removeprefix("aggregated ") if result.options.app else label)
         ax.set_title(workload_line(result), fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         # Outside the axes: inside, it hid lines wherever "best" could not find room.

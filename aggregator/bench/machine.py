@@ -33,7 +33,7 @@ _VERSIONS = (
 )
 
 
-def machine_info(tool: Tool) -> dict[str, Any]:
+def machine_info(tool: Tool, *, app: bool = False) -> dict[str, Any]:
     """Cores, CPU model, OS, Python and the versions of every part in the comparison."""
     versions: dict[str, str] = {}
     for name in _VERSIONS:
@@ -57,5 +57,5 @@ def machine_info(tool: Tool) -> dict[str, Any]:
         "python": platform.python_version(),
         "load_generator": tool,
         "versions": versions,
-        "settings": passed_settings(),
+        "settings": passed_settings(app=app),
     }

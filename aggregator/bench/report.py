@@ -41,10 +41,11 @@ _HEADERS = (
     "peak RSS MB",
     "upstream calls/req",
     "flags",
+    "runs as",
 )
 
 
-def _cells(row: Row) -> list[str]:
+def _cells(row: Row, runs_as: dict[str, str]) -> list[str]:
     ideal = (
         f"{row.ideal_rps:.0f} ({row.of_ideal:.0%})"
         if row.ideal_rps and row.of_ideal is not None
@@ -64,6 +65,7 @@ def _cells(row: Row) -> list[str]:
         _fmt(row.peak_rss_mb, 0),
         _fmt(row.upstream_calls_per_request, 2),
         "; ".join(row.flags),
+        runs_as.get(row.target, ""),
     ]
 
 
@@ -71,21 +73,35 @@ def print_table(result: BenchResult, rows: list[Row], console: Console) -> None:
     """The terminal view: one table, then the goal comparisons and the notes."""
     table = Table(title=workload_line(result), title_justify="left")
     for header in _HEADERS:
-        table.add_column(header, justify="left" if header in ("target", "flags") else "right")
+        left = header in ("target", "flags", "runs as")
+        table.add_column(header, justify="left" if left else "right")
+    labels = runs_as(result)
     for row in rows:
         style = "red" if row.flags else None
-        table.add_row(*_cells(row), style=style)
+        table.add_row(*_cells(row, labels), style=style)
     console.print(table)
     for line in goals(result, rows) + result.notes:
         console.print(f"  {line}", highlight=False)
 
 
-def write_outputs(result: BenchResult, rows: list[Row], out: Path, command: str) -> list[Path]:
-    """Write results.json, results.csv, report.md and the PNG charts into `out`."""
+#: Said in the output and in report.md when the charts cannot be drawn.
+NO_CHARTS = (
+    "charts skipped: matplotlib is not installed (pip install 'aggregator[bench]'); "
+    "report.md, results.json and results.csv are complete without them"
+)
+
+
+def write_outputs(
+    result: BenchResult, rows: list[Row], out: Path, command: str
+) -> tuple[list[Path], str | None]:
+    """Write results.json, results.csv, report.md and the PNG charts into `out`: the files
+    written, and a note when the charts were skipped (matplotlib, the bench extra, missing)."""
     out.mkdir(parents=True, exist_ok=True)
     data = result.to_dict()
     data["command"] = command
-    data["summary"] = [_row_dict(r) for r in rows]
+    labels = runs_as(result)
+    data["summary"] = [{**_row_dict(r), "runs_as": labels.get(r.target, "")} for r in rows]
+    data["runs_as"] = labels
     data["goals"] = goals(result, rows)
     (out / "results.json").write_text(json.dumps(data, indent=2, allow_nan=False, default=str))
     with (out / "results.csv").open("w", newline="") as fh:
@@ -93,9 +109,20 @@ def write_outputs(result: BenchResult, rows: list[Row], out: Path, command: str)
         writer.writerow(list(_row_dict(rows[0]).keys()) if rows else ["target"])
         for row in rows:
             writer.writerow(_row_dict(row).values())
-    charts = write_charts(result, rows, out)
-    (out / "report.md").write_text(_markdown(result, rows, command, charts))
-    return [out / name for name in ("results.json", "results.csv", "report.md")] + charts
+    skipped: str | None = None
+    try:
+        charts = write_charts(result, rows, out)
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("matplotlib"):
+            raise
+        charts, skipped = [], NO_CHARTS
+    (out / "report.md").write_text(_markdown(result, rows, command, charts, skipped))
+    return [out / name for name in ("results.json", "results.csv", "report.md")] + charts, skipped
+
+
+def runs_as(result: BenchResult) -> dict[str, str]:
+    """Each target's "runs as" label: "as shipped", or its flags in words (plan.Target)."""
+    return {t.name: t.runs_as for t in result.options.targets}
 
 
 def _row_dict(row: Row) -> dict[str, object]:
@@ -123,10 +150,25 @@ def _row_dict(row: Row) -> dict[str, object]:
     }
 
 
-def _markdown(result: BenchResult, rows: list[Row], command: str, charts: list[Path]) -> str:
+def _ideal_line(result: BenchResult) -> str:
+    if result.options.app is not None:
+        return (
+            "Theoretical ideal: none; the bench does not know what your views wait for. Each "
+            "path is a series of its own (`SERVER:app PATH`), measured on one server per target."
+        )
+    floor_ms = result.options.workload.floor_s * 1000
+    return (
+        f"Theoretical ideal: throughput = C / L with L = {floor_ms:.0f} ms "
+        "(the slowest source; one after another: C / (K x latency)); latency floor "
+        f"= {floor_ms:.0f} ms. Cache hits have no upstream bound."
+    )
+
+
+def _markdown(
+    result: BenchResult, rows: list[Row], command: str, charts: list[Path], skipped: str | None
+) -> str:
     m = result.machine
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-    w = result.options.workload
     lines = [
         "# aggregator bench report",
         "",
@@ -139,9 +181,11 @@ def _markdown(result: BenchResult, rows: list[Row], command: str, charts: list[P
         + ".",
         "",
         f"Workload: {workload_line(result)}.",
-        f"Theoretical ideal: throughput = C / L with L = {w.floor_s * 1000:.0f} ms "
-        "(the slowest source; one after another: C / (K x latency)); latency floor "
-        f"= {w.floor_s * 1000:.0f} ms. Cache hits have no upstream bound.",
+        _ideal_line(result),
+        "Runs as: this project's targets run with the shipped settings (INFO logging with its "
+        "access line, metrics as shipped) unless a flag says otherwise (`+quiet`, `+metrics`, "
+        "`+nometrics`, `+pygc`, ...); `fastapi` is FastAPI + uvicorn running our fan-out engine, "
+        "`fastapi-plain` the FastAPI peer as its users write it (no code of ours).",
         "Errors are non-2xx answers, timeouts and socket errors; partial is the share of 2xx "
         "answers with a failed source (`X-Aggregate-Complete: false`), as designed. CPU and "
         "peak RSS are the server's whole process tree; upstream calls are counted by the demo.",
@@ -149,7 +193,8 @@ def _markdown(result: BenchResult, rows: list[Row], command: str, charts: list[P
         "| " + " | ".join(_HEADERS) + " |",
         "|" + "---|" * len(_HEADERS),
     ]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    labels = runs_as(result)
+    lines += ["| " + " | ".join(_cells(r, labels)) + " |" for r in rows]
     findings = goals(result, rows)
     if findings:
         lines += ["", "## Comparisons", ""] + [f"- {g}" for g in findings]
@@ -166,10 +211,13 @@ def _markdown(result: BenchResult, rows: list[Row], command: str, charts: list[P
     lines += [f"- {note}" for note in result.notes]
     if charts:
         lines += ["", "## Charts", ""] + [f"![{c.stem}]({c.name})" for c in charts]
+    elif skipped is not None:
+        lines += ["", "## Charts", "", f"{skipped[0].upper()}{skipped[1:]}."]
     return "\n".join(lines) + "\n"
 
 
 __all__ = [
+    "NO_CHARTS",
     "OUTPUT_FILES",
     "Row",
     "goals",

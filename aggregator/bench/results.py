@@ -6,6 +6,7 @@ be rebuilt from `results.json` figures without running anything.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ class Options:
     tool: Tool = "wrk"
     threads: int = 64
     timeout: float = 10.0
+    #: A developer's app (`--app MODULE:NAME`) benched instead of ours; its targets carry paths.
+    app: str | None = None
 
 
 @dataclass(slots=True)
@@ -91,7 +94,8 @@ class BenchResult:
         for run in self.runs:
             row = asdict(run)
             row["error_rate"] = run.error_rate
-            row["cpu_ms_per_request"] = run.cpu_ms_per_request
+            cpu = run.cpu_ms_per_request  # NaN when no request completed: JSON has no NaN
+            row["cpu_ms_per_request"] = None if math.isnan(cpu) else cpu
             row["upstream_calls_per_request"] = run.upstream_calls_per_request
             runs.append(row)
         return {"machine": self.machine, "options": options, "runs": runs, "notes": self.notes}

@@ -4,6 +4,9 @@ Repetitions are interleaved across targets (rep 1: A B C, rep 2: B C A, ...), so
 hits every configuration alike. Each run is bounded by its duration (and request count); after
 each, the server must answer /healthz promptly again (requests abandoned by the generator can
 still be queued in a serial server) before the next one starts.
+
+Targets that differ only by their path (`bench --app` on several paths) share one server: each
+server configuration is started once, and each of its paths is measured and rotated as a target.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from aggregator.bench.loadgen import LoadResult
 from aggregator.bench.machine import machine_info
 from aggregator.bench.plan import Target, Workload
 from aggregator.bench.results import BenchResult, Options, Run
-from aggregator.bench.servers import PeakRss, ServerProcess
+from aggregator.bench.servers import PeakRss, ServerProcess, peer_env
+from aggregator.bench.summary import payload_words
 from aggregator.demo.process import DemoProcess, start_demo_process
 
 Progress = Callable[[str], None]
@@ -35,6 +39,7 @@ def _upstreams(workload: Workload) -> Iterator[tuple[DemoProcess, Path, Path]]:
             jitter=workload.jitter,
             failure_rate=workload.failure_rate,
             stall_rate=workload.stall_rate,
+            payload_kb=workload.payload_kb,
         ) as demo:
             config = work / "bench.toml"
             config.write_text(workload.config_toml(demo.url))
@@ -43,18 +48,28 @@ def _upstreams(workload: Workload) -> Iterator[tuple[DemoProcess, Path, Path]]:
 
 def run_bench(options: Options, progress: Progress) -> BenchResult:
     """Measure every target at every level, `reps` times, interleaved."""
-    result = BenchResult(options, machine_info(options.tool))
+    result = BenchResult(options, machine_info(options.tool, app=options.app is not None))
     workload = options.workload
     progress(
         f"demo upstreams: {workload.sources} sources, latency {workload.latency:g} s, "
-        f"jitter {workload.jitter:g} s, failure rate {workload.failure_rate:g}"
+        f"jitter {workload.jitter:g} s, failure rate {workload.failure_rate:g}, "
+        f"{payload_words(workload.payload_kb)}"
     )
     with _upstreams(workload) as (demo, config, work):
         servers: dict[str, ServerProcess] = {}
         try:
             for target in options.targets:
-                progress(f"starting {target.name}")
-                servers[target.name] = ServerProcess(target, config, work, options.threads)
+                if target.server_name not in servers:
+                    progress(f"starting {target.server_name}")
+                    servers[target.server_name] = ServerProcess(
+                        target,
+                        config,
+                        work,
+                        options.threads,
+                        peer_env(target, workload.upstreams(demo.url)),
+                        app=options.app,
+                        demo_url=demo.url,
+                    )
             for server in servers.values():
                 server.wait_ready()
             _warm_up(options, servers, demo, progress, result)
@@ -62,8 +77,9 @@ def run_bench(options: Options, progress: Progress) -> BenchResult:
                 shift = (rep - 1) % len(options.targets)
                 order = options.targets[shift:] + options.targets[:shift]
                 for target in order:
+                    server = servers[target.server_name]
                     for level in options.levels:
-                        run = _measure(options, servers[target.name], demo, level, rep)
+                        run = _measure(options, server, target, demo, level, rep)
                         result.runs.append(run)
                         progress(_describe(run, options.reps))
                         if not run.drained:
@@ -88,28 +104,34 @@ def _warm_up(
     if options.warmup <= 0:
         return
     level = min(max(options.levels), 16)
-    for name, server in servers.items():
-        progress(f"warm-up {name}: {options.warmup:g} s at c={level}")
+    for target in options.targets:
+        server = servers[target.server_name]
+        progress(f"warm-up {target.name}: {options.warmup:g} s at c={level}")
         run_load(
             options.tool,
-            server.base_url + server.target.path,
+            server.base_url + target.path,
             level,
             options.warmup,
             timeout=options.timeout,
         )
         if not settle(server, demo):
-            result.notes.append(f"{name}: still busy {DRAIN_TIMEOUT:g} s after the warm-up")
+            result.notes.append(f"{target.name}: still busy {DRAIN_TIMEOUT:g} s after the warm-up")
 
 
 def _measure(
-    options: Options, server: ServerProcess, demo: DemoProcess, level: int, rep: int
+    options: Options,
+    server: ServerProcess,
+    target: Target,
+    demo: DemoProcess,
+    level: int,
+    rep: int,
 ) -> Run:
     demo_call(demo, "POST", "/_reset")
     cpu_before = server.cpu_seconds()
     with PeakRss(server) as rss:
         load: LoadResult = run_load(
             options.tool,
-            server.base_url + server.target.path,
+            server.base_url + target.path,
             level,
             options.duration,
             options.requests,
@@ -120,7 +142,7 @@ def _measure(
     calls = int(demo_call(demo, "GET", "/_stats")["total_requests"])
     drained = settle(server, demo)
     return Run(
-        target=server.target.name,
+        target=target.name,
         concurrency=level,
         rep=rep,
         tool=load.tool,
@@ -155,8 +177,16 @@ def compare_generators(
     """`bench --check`: wrk and the built-in generator on the same server, interleaved."""
     pairs: list[tuple[int, LoadResult, LoadResult]] = []
     workload = options.workload
-    with _upstreams(workload) as (_, config, work):
-        server = ServerProcess(target, config, work, options.threads)
+    with _upstreams(workload) as (demo, config, work):
+        server = ServerProcess(
+            target,
+            config,
+            work,
+            options.threads,
+            peer_env(target, workload.upstreams(demo.url)),
+            app=options.app,
+            demo_url=demo.url,
+        )
         try:
             server.wait_ready()
             url = server.base_url + target.path

@@ -1,15 +1,26 @@
 """Start each server under test in its own process tree, and watch its CPU and memory.
 
-Every server gets the same generated config, one worker process, a 2048-connection backlog,
-5 s keep-alive and no access log, so the differences measured are the serving stacks'.
+Every server gets the same generated config, one worker process, a 2048-connection backlog and
+5 s keep-alive. Our servers run with the shipped settings (INFO logging with one access line per
+request, metrics as shipped) unless the target's flags say otherwise (`+quiet`, `+metrics`,
+`+nometrics`: plan); their logs go to the bench's log files, as a deployment writes them
+somewhere. The FastAPI targets run uvicorn without its access log, as the best-tuned peers do.
+The plain FastAPI peer (`fastapi_plain`) reads its upstreams from `PLAIN_UPSTREAMS` (`peer_env`).
 CPU and RSS are read with psutil over the whole process tree (Hypercorn and gunicorn fork a
 worker); RSS is sampled every 50 ms during a run and the peak kept.
+
+A developer's own app (`bench --app`) is started as `aggregator serve --app` starts it (that very
+command line, the same three server settings in a Hypercorn file of its own) or, for gunicorn,
+as its WSGI app itself; their app is told where the demo upstreams are by AGGREGATOR_DEMO_URL
+(the variable our demo config reads too), and gets the caller's AGGREGATOR_CONFIG, if any.
+Their app need not have a /healthz: any answer there means the server is up.
 """
 
 from __future__ import annotations
 
 import http.client
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -34,9 +45,34 @@ def default_worker_class() -> str:
     return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 
-def server_command(target: Target, port: int, threads: int) -> list[str]:
-    """The command line that serves `target` on 127.0.0.1:`port`."""
+def hypercorn_toml(target: Target) -> str:
+    """The Hypercorn settings `aggregator serve --app` gets: those every Hypercorn target has."""
+    return (
+        f"backlog = {BACKLOG}\nkeep_alive_timeout = {KEEP_ALIVE}\n"
+        f'worker_class = "{target.event_loop or default_worker_class()}"\n'
+    )
+
+
+def server_command(
+    target: Target, port: int, threads: int, *, app: str | None = None, toml: Path | None = None
+) -> list[str]:
+    """The command line that serves `target` on 127.0.0.1:`port`.
+
+    `app`: the developer's app (`--app`) of a `SERVER:app` target; `toml`, the file holding
+    `hypercorn_toml(target)` that `aggregator serve --app` reads.
+    """
     py = [sys.executable, "-m"]
+    if target.view == "app" and target.server != "gunicorn":
+        assert app is not None and toml is not None
+        return py + [
+            "aggregator",
+            "serve",
+            f"--app={app}",
+            f"--bind=127.0.0.1:{port}",
+            "--workers=1",
+            f"--mode={target.server}",
+            f"--hypercorn-config={toml}",
+        ]
     if target.server == "gunicorn":
         return py + [
             "gunicorn",
@@ -47,12 +83,25 @@ def server_command(target: Target, port: int, threads: int) -> list[str]:
             f"--backlog={BACKLOG}",
             f"--keep-alive={KEEP_ALIVE}",
             "--log-level=warning",
-            "aggregator:create_app()",
+            "aggregator.serving.appref:wsgi_app_from_env()"
+            if target.view == "app"
+            else "aggregator:create_app()",
         ]
-    if target.server == "fastapi":
+    if target.server in ("fastapi", "fastapi-plain"):
+        module = "fastapi_app" if target.server == "fastapi" else "fastapi_plain"
+        if target.hypercorn:  # Hypercorn's own access log is off unless configured
+            return py + [
+                "hypercorn",
+                f"--bind=127.0.0.1:{port}",
+                "--workers=1",
+                f"--backlog={BACKLOG}",
+                f"--keep-alive={KEEP_ALIVE}",
+                f"--worker-class={target.event_loop or default_worker_class()}",
+                f"aggregator.bench.{module}:app",
+            ]
         return py + [
             "uvicorn",
-            "aggregator.bench.fastapi_app:app",
+            f"aggregator.bench.{module}:app",
             "--host=127.0.0.1",
             f"--port={port}",
             f"--backlog={BACKLOG}",
@@ -86,39 +135,111 @@ CONTROLLED = frozenset(
         "LOG_LEVEL",
         "GC_THRESHOLD",
         "METRICS",
+        "ADMIN_TOKEN",
+        "APP",
+        "DEMO_URL",
+        "HTTP1_PARSER",
     )
 )
 
 
-def passed_settings() -> dict[str, str]:
+#: Of `CONTROLLED`, what a developer's app (`--app`) takes from the caller when set: its cache
+#: is part of what their views do (e.g. AGGREGATOR_CACHE_TYPE=null to bench the fills).
+APP_PASSED = frozenset({"AGGREGATOR_CACHE_TYPE"})
+
+
+def passed_settings(*, app: bool = False) -> dict[str, str]:
     """The caller's AGGREGATOR_* settings that every server under test inherits."""
+    controlled = CONTROLLED - APP_PASSED if app else CONTROLLED
     return {
         k: v
         for k, v in sorted(os.environ.items())
-        if k.startswith("AGGREGATOR_") and k not in CONTROLLED and "TOKEN" not in k
+        if k.startswith("AGGREGATOR_") and k not in controlled and "TOKEN" not in k
     }
 
 
-def server_env(target: Target, config: Path, threads: int) -> dict[str, str]:
-    """The AGGREGATOR_* settings for `target`: the bench's own, then the caller's others."""
+def server_env(
+    target: Target,
+    config: Path,
+    threads: int,
+    *,
+    app: str | None = None,
+    demo_url: str | None = None,
+) -> dict[str, str]:
+    """The AGGREGATOR_* settings for `target`: the bench's own, then the caller's others.
+
+    For a developer's app (`app`): where the demo upstreams are (AGGREGATOR_DEMO_URL) and the
+    reference (AGGREGATOR_APP) instead of our bench config; the caller's AGGREGATOR_CONFIG, if
+    any, is theirs to read.
+    """
     env = {k: v for k, v in os.environ.items() if k not in CONTROLLED}
     env.update(
         AGGREGATOR_CONFIG=str(config),
         AGGREGATOR_MODE=target.server if target.server in ("loop", "threads", "serial") else "loop",
         AGGREGATOR_ENGINE=target.engine or "aiohttp",
-        AGGREGATOR_CACHE_TYPE="simple",
+        AGGREGATOR_CACHE_TYPE=_shipped("cache_type"),
         AGGREGATOR_WORKERS="1",
         AGGREGATOR_THREADS=str(threads),
-        AGGREGATOR_LOG_LEVEL="WARNING",
-        # Off unless the target asks: an admin token in the caller's environment must not turn
-        # recording on for some runs and not others.
-        AGGREGATOR_METRICS="public" if target.metrics else "off",
+        # As shipped (INFO: one access line per request) unless the target says +quiet.
+        AGGREGATOR_LOG_LEVEL="WARNING" if target.quiet else _shipped("log_level"),
+        # As shipped unless the target says; the caller's admin token is not passed (it is a
+        # CONTROLLED name), so it cannot turn recording on for some runs and not others.
+        AGGREGATOR_METRICS=(
+            "public" if target.metrics else "off" if target.nometrics else _shipped("metrics")
+        ),
+        AGGREGATOR_HTTP1_PARSER="h11-mypyc" if target.mypyc else _shipped("http1_parser"),
     )
     # Each server's own GC default unless the target says (see plan: +gc / +pygc).
     gc = target.gc or ("python" if target.server in ("fastapi", "gunicorn") else "tuned")
     tuned = str(Settings.model_fields["gc_threshold"].default)
     env["AGGREGATOR_GC_THRESHOLD"] = tuned if gc == "tuned" else "0"
+    if app is not None:
+        del env["AGGREGATOR_CONFIG"]
+        if "AGGREGATOR_CONFIG" in os.environ:
+            env["AGGREGATOR_CONFIG"] = os.environ["AGGREGATOR_CONFIG"]
+        env["AGGREGATOR_APP"] = app
+        env.update({k: os.environ[k] for k in APP_PASSED if k in os.environ})
+        if demo_url is not None:
+            env["AGGREGATOR_DEMO_URL"] = demo_url
     return env
+
+
+def _shipped(field: str) -> str:
+    """A setting's shipped default, as the environment spells it."""
+    return str(Settings.model_fields[field].default)
+
+
+def peer_env(target: Target, upstreams: list[tuple[str, str, str]]) -> dict[str, str]:
+    """What the plain FastAPI peer is told: its upstreams (name to URL template) and engine.
+
+    Our servers read the bench config instead; nothing of ours is given to the peer.
+    """
+    if target.server != "fastapi-plain":
+        return {}
+    return {
+        "PLAIN_UPSTREAMS": json.dumps({name: url for name, _, url in upstreams}),
+        "PLAIN_ENGINE": target.engine or "aiohttp",
+    }
+
+
+def check_app(app: str) -> str | None:
+    """Why `app` (`--app`) cannot be served, or None; checked in a process of its own.
+
+    The bench speaks to what it measures over HTTP only: it never imports the app itself (nor
+    runs a factory's side effects in its own process). The check is `serving.appref`'s, run the
+    way a server would run it, from this directory.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", "aggregator.serving.appref", app],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if proc.returncode == 0:
+        return None
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    return lines[-1] if lines else f"checking it exited with {proc.returncode}"
 
 
 class ServerProcess:
@@ -131,17 +252,28 @@ class ServerProcess:
         log_dir: Path,
         threads: int,
         env: Mapping[str, str] | None = None,
+        *,
+        app: str | None = None,
+        demo_url: str | None = None,
     ) -> None:
         self.target = target
         self.port = free_port()
-        self.log_path = log_dir / f"{target.name.replace(':', '-').replace('+', '-')}.log"
+        stem = target.server_name.replace(":", "-").replace("+", "-")
+        self.log_path = log_dir / f"{stem}.log"
+        #: A developer's app may have no /healthz: then any answer there says it is up.
+        self._any_answer = target.view == "app"
+        toml = None
+        if target.view == "app":
+            toml = log_dir / f"{stem}.hypercorn.toml"
+            toml.write_text(hypercorn_toml(target))
+        settings = server_env(target, config, threads, app=app, demo_url=demo_url)
         with self.log_path.open("wb") as log:
             self.popen = subprocess.Popen(
-                server_command(target, self.port, threads),
+                server_command(target, self.port, threads, app=app, toml=toml),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**server_env(target, config, threads), **(env or {})},
+                env={**settings, **(env or {})},
             )
         self._process = psutil.Process(self.popen.pid)
 
@@ -150,27 +282,49 @@ class ServerProcess:
         """Where the server listens."""
         return f"http://127.0.0.1:{self.port}"
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         """Wait for GET /healthz, failing with the server's log when it exits or hangs."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
                 break
-            if probe(self.port, "/healthz", 1.0) == 200:
+            if self._answers(probe(self.port, "/healthz", 1.0)):
+                self._check_parser()
                 return
             time.sleep(0.1)
         tail = self.log_path.read_text(errors="replace")[-3000:]
         state = f"exited with {self.popen.returncode}" if self.popen.poll() is not None else "hung"
-        raise RuntimeError(f"{self.target.name} did not become ready ({state}); log:\n{tail}")
+        raise RuntimeError(
+            f"{self.target.server_name} did not become ready ({state}); log:\n{tail}"
+        )
+
+    def _check_parser(self) -> None:
+        """A `+mypyc` target whose worker fell back to stock h11 would be mislabelled: refuse
+        it (our app says in /status; a developer's app leaves the fallback line in the log)."""
+        if not self.target.mypyc:
+            return
+        if self.target.view == "app":
+            used = "h11" if "serving with h11" in self.log_path.read_text(errors="replace") else ""
+        else:
+            used = str(_get_json(self.port, "/status").get("http1_parser", "h11"))
+        if used == "h11":
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(
+                f"{self.target.server_name}: Hypercorn parses with stock h11, not h11-mypyc; "
+                f"log:\n{tail}"
+            )
 
     def drain(self, timeout: float) -> bool:
         """Wait until the server answers /healthz promptly again (queued work is done)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if probe(self.port, "/healthz", max(0.1, deadline - time.monotonic())) == 200:
+            if self._answers(probe(self.port, "/healthz", max(0.1, deadline - time.monotonic()))):
                 return True
             time.sleep(0.1)
         return False
+
+    def _answers(self, status: int | None) -> bool:
+        return status == 200 or (self._any_answer and status is not None)
 
     def processes(self) -> list[psutil.Process]:
         """The server and its live workers."""
@@ -181,14 +335,7 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float:
         """User plus system CPU of the tree so far."""
-        total = 0.0
-        for proc in self.processes():
-            try:
-                times = proc.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += times.user + times.system
-        return total
+        return cpu_seconds(self.processes())
 
     def rss_bytes(self) -> int:
         """Resident memory of the tree now."""
@@ -263,3 +410,28 @@ def probe(port: int, path: str, timeout: float) -> int | None:
         return None
     finally:
         conn.close()
+
+
+def _get_json(port: int, path: str) -> dict[str, object]:
+    """GET `path` on 127.0.0.1:`port` as a JSON object ({} when it is not one)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10.0)
+    try:
+        conn.request("GET", path)
+        data = json.loads(conn.getresponse().read())
+    except (OSError, http.client.HTTPException, ValueError):
+        return {}
+    finally:
+        conn.close()
+    return data if isinstance(data, dict) else {}
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User plus system CPU of `processes` so far (those that have exited count nothing)."""
+    total = 0.0
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total

@@ -110,6 +110,9 @@ class SoakResult:
     after: Snapshot | None = None
     samples: list[Sample] = field(default_factory=list)
     upstream_calls: int = 0
+    #: Calls the demo received more than once for one request and source (same X-Request-ID and
+    #: path): the retries, seen from the upstream's side (of its last 10,000 requests).
+    retried_calls: int = 0
     server_cpu_s: float = 0.0
     checks: dict[str, bool] = field(default_factory=dict)
 
@@ -241,8 +244,23 @@ def _phases(
     result.samples.append(_sample(worker, started))  # at the end of the load
     result.server_cpu_s = server.cpu_seconds() - cpu
     result.upstream_calls = int(demo_call(demo, "GET", "/_stats")["total_requests"])
+    result.retried_calls = retried_calls(demo_call(demo, "GET", "/_requests?headers=1"))
     _quiet(server, worker, demo)
     result.after = snapshot(worker, demo)
+
+
+def retried_calls(listing: dict[str, Any]) -> int:
+    """How many of the demo's recorded requests repeat an earlier (request id, path) pair."""
+    seen: set[tuple[str, str]] = set()
+    repeats = 0
+    for request in listing["requests"]:
+        request_id = request.get("headers", {}).get("x-request-id")
+        if request_id is None:
+            continue
+        key = (request_id, request["raw_path"])
+        repeats += key in seen
+        seen.add(key)
+    return repeats
 
 
 def _sample(worker: psutil.Process, started: float) -> Sample:
@@ -296,7 +314,8 @@ def report(result: SoakResult) -> list[str]:
             f"non-2xx {other}, socket errors {load.socket_errors}, client timeouts "
             f"{load.timeouts}",
             f"upstream calls: {result.upstream_calls} "
-            f"({result.upstream_calls / max(1, load.requests):.2f} per request); server CPU "
+            f"({result.upstream_calls / max(1, load.requests):.2f} per request, "
+            f"{result.retried_calls} of them retries); server CPU "
             f"{result.server_cpu_s:.1f} s",
         ]
     if result.samples:

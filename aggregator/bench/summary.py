@@ -15,6 +15,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from aggregator.bench.plan import Target
 from aggregator.bench.results import BenchResult, Run
 
 ERROR_RATE_LIMIT = 0.01
@@ -113,8 +114,8 @@ def goals(result: BenchResult, rows: list[Row]) -> list[str]:
     lines: list[str] = []
     floor_ms = result.options.workload.floor_s * 1000
     targets = result.options.targets
-    for ours in (t for t in targets if t.server == "loop" and t.view == "async" and not t.cached):
-        for ref in (t for t in targets if t.server == "fastapi" and t.engine == ours.engine):
+    for ours in (t for t in targets if t.server == "loop" and t.view == "async"):
+        for ref in (t for t in targets if _peer_of(ours, t)):
             for level in result.options.levels:
                 a, b = by.get((ours.name, level)), by.get((ref.name, level))
                 if a and b and b.rps > 0:
@@ -133,10 +134,12 @@ def goals(result: BenchResult, rows: list[Row]) -> list[str]:
                     f"without ({a.rps / b.rps - 1:+.1%}); CPU {a.cpu_ms_per_request:.3f} vs "
                     f"{b.cpu_ms_per_request:.3f} ms/request"
                 )
-    cached = {t.name for t in targets if t.cached}
+    lines += _app_goals(result, by)
+    # No source floor for cache hits, nor for a developer's own views (what they wait is theirs).
+    unbound = {t.name for t in targets if t.cached or t.view == "app"}
     for name in dict.fromkeys(r.target for r in rows):
         one = by.get((name, 1))
-        if one and name not in cached and not math.isnan(one.p50_ms):
+        if one and name not in unbound and not math.isnan(one.p50_ms):
             lines.append(
                 f"{name} p50 at c=1: {one.p50_ms:.1f} ms, {one.p50_ms - floor_ms:+.1f} ms "
                 f"over the slowest source ({floor_ms:.0f} ms)"
@@ -147,13 +150,50 @@ def goals(result: BenchResult, rows: list[Row]) -> list[str]:
     return lines
 
 
+def _peer_of(ours: Target, ref: Target) -> bool:
+    """Whether `ref` is a FastAPI target to compare `ours` with: our engine inside FastAPI on the
+    same engine, every plain peer (uncached against uncached, cached against cached)."""
+    if ours.cached:
+        return ref.server == "fastapi-plain" and ref.cached
+    if ref.server == "fastapi":
+        return ref.engine == ours.engine
+    return ref.server == "fastapi-plain" and not ref.cached
+
+
+def _app_goals(result: BenchResult, by: dict[tuple[str, int], Row]) -> list[str]:
+    """`bench --app`: per path and level, each server's throughput side by side."""
+    lines: list[str] = []
+    targets = [t for t in result.options.targets if t.app_path is not None]
+    for path in dict.fromkeys(t.app_path for t in targets):
+        mine = [t for t in targets if t.app_path == path]
+        for level in result.options.levels:
+            found = [(t.server_name, by[(t.name, level)]) for t in mine if (t.name, level) in by]
+            if len(found) > 1:
+                lines.append(
+                    f"{path} at c={level}: "
+                    + ", ".join(f"{name} {row.rps:.1f} req/s" for name, row in found)
+                )
+    return lines
+
+
 def workload_line(result: BenchResult) -> str:
     """What was measured, in one line."""
     o = result.options
     w = o.workload
     amount = f"{o.duration:g} s" + (f" or {o.requests} requests" if o.requests else "")
+    if o.app is not None:
+        return (
+            f"{o.app} (demo upstreams at AGGREGATOR_DEMO_URL: {w.latency * 1000:.0f} ms, "
+            f"jitter {w.jitter * 1000:.0f} ms, failure rate {w.failure_rate:g}); {o.reps} "
+            f"interleaved reps of {amount} per level; load: {o.tool}"
+        )
     return (
         f"{w.sources} sources x {w.latency * 1000:.0f} ms (jitter {w.jitter * 1000:.0f} ms, "
-        f"failure rate {w.failure_rate:g}); {o.reps} interleaved reps of {amount} per level; "
-        f"load: {o.tool}"
+        f"failure rate {w.failure_rate:g}, {payload_words(w.payload_kb)}); {o.reps} interleaved "
+        f"reps of {amount} per level; load: {o.tool}"
     )
+
+
+def payload_words(kb: float) -> str:
+    """The demo payload size in words."""
+    return f"~{kb:g} KB of JSON per source" if kb > 0 else "the demo's small payloads"

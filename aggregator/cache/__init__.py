@@ -1,4 +1,4 @@
-"""The cache: flask-caching backends plus what they lack (DESIGN §5).
+"""The cache: flask-caching backends plus what they lack.
 
 The engine (`aggregator.engine`) builds the backend, the store around it, the per-process
 `AggregateCache` and the `SourceCache` (per-upstream payloads, same store). Purging lives here,

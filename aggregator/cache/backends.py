@@ -145,7 +145,8 @@ def _redis_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _nodes(settings: Settings) -> list[tuple[str, int]]:
+def redis_nodes(settings: Settings) -> list[tuple[str, int]]:
+    """`cache_redis_nodes` as (host, port) pairs (Sentinels or Cluster nodes)."""
     nodes = []
     for item in filter(None, (n.strip() for n in settings.cache_redis_nodes.split(","))):
         host, _, port = item.rpartition(":")
@@ -168,10 +169,10 @@ def build_cache(app: Flask, settings: Settings) -> Cache:
         config["CACHE_REDIS_URL"] = settings.cache_redis_url
         config["CACHE_OPTIONS"] = _redis_options(settings)
     elif settings.cache_type == "redissentinel":
-        config["CACHE_REDIS_SENTINELS"] = _nodes(settings)
+        config["CACHE_REDIS_SENTINELS"] = redis_nodes(settings)
         config["CACHE_REDIS_SENTINEL_MASTER"] = settings.cache_redis_master
         config["CACHE_OPTIONS"] = _redis_options(settings)
     elif settings.cache_type == "rediscluster":
-        config["CACHE_REDIS_CLUSTER"] = ",".join(f"{h}:{p}" for h, p in _nodes(settings))
+        config["CACHE_REDIS_CLUSTER"] = ",".join(f"{h}:{p}" for h, p in redis_nodes(settings))
         config["CACHE_OPTIONS"] = _redis_options(settings)
     return Cache(app, config=config)

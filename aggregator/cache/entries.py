@@ -85,9 +85,22 @@ class SourceEntry(BaseModel):
     data: Any
 
 
-def etag_for(body: bytes) -> str:
-    """A strong ETag: a digest of the exact bytes served."""
-    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+_SOURCES = b',"sources":'
+_COMPLETE = b',"complete":'
+
+
+def etag_for(body: bytes, status: int = 200) -> str:
+    """A weak ETag over what a client considers the answer's content: its status, `data`,
+    `errors` and `complete`, not `sources` (each answer's own timings and cache states).
+
+    So an answer whose content did not change revalidates to a 304, cached or not, refreshed
+    or not. `body` is an encoded envelope (`sources` and `complete` are its last two keys,
+    and no source name can contain `"sources":`); anything else is digested whole.
+    """
+    end = body.rfind(_COMPLETE)
+    start = body.rfind(_SOURCES, 0, end) if end > 0 else -1
+    content = body[:start] + body[end:] if start > 0 else body
+    return 'W/"' + hashlib.sha256(b"%d\n" % status + content).hexdigest()[:32] + '"'
 
 
 def canonical_params(params: Mapping[str, ParamValue]) -> str:
@@ -135,7 +148,7 @@ def decode_aggregate(raw: object) -> AggregateEntry | None:
         return None
     try:
         meta = AggregateMeta.model_validate_json(head)
-        if etag_for(body) != meta.etag:
+        if etag_for(body, meta.status) != meta.etag:
             return None
         Envelope.model_validate_json(body)
     except ValidationError:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from aggregator.cache.entries import AggregateEntry, etag_for
 from aggregator.cache.privacy import Caller
 from aggregator.cache.results import Filled, Lookup
+from aggregator.models import StaleInfo
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,11 +26,27 @@ class Answer:
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """If-None-Match's weak comparison (RFC 9110 §13.1.2): W/ prefixes do not count."""
     if not if_none_match:
         return False
     if if_none_match.strip() == "*":
         return True
-    return etag in (t.strip().removeprefix("W/") for t in if_none_match.split(","))
+    ours = etag.removeprefix("W/")
+    return ours in (t.strip().removeprefix("W/") for t in if_none_match.split(","))
+
+
+def stale_header(stale: StaleInfo) -> str:
+    """`X-Cache-Stale`: `refreshing`, or `refresh-failed` with what the refresh answered."""
+    if stale.reason == "refreshing":
+        return "refreshing"
+    return f"refresh-failed; {stale.detail}" if stale.detail else "refresh-failed"
+
+
+def with_stale(body: bytes, stale: StaleInfo) -> bytes:
+    """The stored envelope with its `stale` member, spliced in (the body is a JSON object)."""
+    if not body.endswith(b"}"):
+        return body
+    return body[:-1] + b',"stale":' + stale.model_dump_json(exclude_none=True).encode() + b"}"
 
 
 def entry_answer(
@@ -41,8 +58,10 @@ def entry_answer(
     now: float,
     vary: str,
     filled: Filled | None = None,
+    stale: StaleInfo | None = None,
 ) -> Answer:
-    """Answer with a stored entry; `filled` is a fill this request waited for meanwhile."""
+    """Answer with a stored entry; `filled` is a fill this request waited for meanwhile;
+    `stale` says why a STALE answer is stale (in the body and in `X-Cache-Stale`)."""
     meta = entry.meta
     age = meta.age(now)
     max_age = max(0, int(meta.ttl - age)) if how == "HIT" else 0
@@ -57,9 +76,13 @@ def entry_answer(
     ]
     if vary:
         headers.append(("Vary", vary))
+    body = entry.body
+    if stale is not None:
+        headers.append(("X-Cache-Stale", stale_header(stale)))
+        body = with_stale(body, stale)
     if meta.status == 200 and etag_matches(caller.if_none_match, meta.etag):
         return Answer(304, headers, b"")
-    return Answer(meta.status, [("Content-Type", "application/json"), *headers], entry.body)
+    return Answer(meta.status, [("Content-Type", "application/json"), *headers], body)
 
 
 def filled_answer(
@@ -87,7 +110,7 @@ def filled_answer(
     if vary:
         headers.append(("Vary", vary))
     if filled.status == 200:
-        etag = etag_for(filled.body)
+        etag = etag_for(filled.body, filled.status)
         headers.append(("ETag", etag))
         if etag_matches(caller.if_none_match, etag):
             return Answer(304, headers, b"")

@@ -16,6 +16,8 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
+from aggregator.events import wanted_stream
+
 CREDENTIAL_HEADERS = ("authorization", "cookie")
 _CREDENTIALS = frozenset(name.encode() for name in CREDENTIAL_HEADERS)
 
@@ -28,6 +30,8 @@ class Caller(NamedTuple):
     credentials: bool = False
     #: A digest of its `cache_vary` header values; empty when the aggregate declares none.
     vary: str = ""
+    #: The progressive answer its Accept asks for ("sse", "ndjson"), or "" (JSON).
+    stream: str = ""
 
 
 ANONYMOUS = Caller()
@@ -50,9 +54,14 @@ def caller_from_asgi(headers: Iterable[tuple[bytes, bytes]], vary: Sequence[byte
     view build the same key."""
     if_none_match: bytes | None = None
     credentials = False
+    accept: bytes | None = None
     found: dict[bytes, list[bytes]] = {}
     for name, value in headers:
-        if name == b"if-none-match":
+        if name == b"accept":
+            accept = value if accept is None else accept + b"," + value
+            if name in vary:
+                found.setdefault(name, []).append(value)
+        elif name == b"if-none-match":
             if_none_match = value if if_none_match is None else if_none_match + b"," + value
         elif name in _CREDENTIALS:
             credentials = credentials or bool(value.strip())
@@ -66,6 +75,7 @@ def caller_from_asgi(headers: Iterable[tuple[bytes, bytes]], vary: Sequence[byte
         None if if_none_match is None else if_none_match.decode("latin-1"),
         credentials,
         vary_digest([b",".join(found.get(n, ())).decode("latin-1") for n in vary]) if vary else "",
+        "" if accept is None else wanted_stream(accept.decode("latin-1")),
     )
 
 
@@ -73,4 +83,4 @@ def caller_from_headers(get: Callable[[str], str | None], vary: Sequence[str]) -
     """From a mapping of header values (werkzeug's `request.headers.get`)."""
     credentials = any((get(name) or "").strip() for name in CREDENTIAL_HEADERS)
     digest = vary_digest([get(name) or "" for name in vary]) if vary else ""
-    return Caller(get("If-None-Match"), credentials, digest)
+    return Caller(get("If-None-Match"), credentials, digest, wanted_stream(get("Accept")))

@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 from aggregator.cache.entries import AggregateEntry
 from aggregator.cache.privacy import ANONYMOUS, Caller
 from aggregator.params import ParamValue
+from aggregator.progress import Listener
 
 State = Literal["fresh", "stale", "stale_if_error", "expired", "miss", "bypass", "off"]
 
@@ -43,9 +44,12 @@ class WarmResult:
 
 
 class Fill(Protocol):
-    """What the cache calls to fill a key: one fan-out (`aggregator.aggregate.AggregateFill`)."""
+    """What the cache calls to fill a key: one fan-out (`aggregator.aggregate.AggregateFill`);
+    `listener` is told about each source's result as it lands (`aggregator.progress`)."""
 
-    def __call__(self, name: str, params: Mapping[str, ParamValue]) -> Awaitable[Filled]: ...
+    def __call__(
+        self, name: str, params: Mapping[str, ParamValue], *, listener: Listener | None = None
+    ) -> Awaitable[Filled]: ...
 
 
 @dataclass(frozen=True, slots=True)

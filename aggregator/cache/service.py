@@ -12,6 +12,11 @@ A fill runs in the context of the request that started it (see `aggregator.conte
 upstream calls send that request's `X-Request-ID`, also on behalf of the requests that joined it,
 and a joining request logs which fill it waits for (at DEBUG).
 
+A request may also listen to its fill (`answer(..., listener=...)`: a progressive answer): each
+fill publishes its sources' results as they land (`aggregator.progress.Progress`), and every
+request coalesced behind it hears them live, a late one first what already landed. What it
+listens to never changes its answer, which is the same `Answer` as without a listener.
+
 This module owns one thing, the life of a key (lookup, single-flight fill, store, refresh,
 warm), and is long because those steps share the in-flight table and the Redis lock. Around it:
 the answer's HTTP headers are `headers`' (pure), the worker's memory copy is `near`'s, and what
@@ -49,7 +54,9 @@ from aggregator.config import AppConfig
 from aggregator.context import request_id
 from aggregator.errors import CacheUnavailableError
 from aggregator.metrics import OFF, Recorder
+from aggregator.models import StaleInfo
 from aggregator.params import ParamValue
+from aggregator.progress import Listener, Progress
 from aggregator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -88,6 +95,7 @@ class AggregateCache:
         self._declared = {name: bool(a.cache_vary) for name, a in config.aggregates.items()}
         self._vary_header = {name: ", ".join(config.vary_by(name)) for name in config.aggregates}
         self._inflight: dict[str, asyncio.Task[Filled]] = {}
+        self._progress: dict[str, Progress] = {}  # key -> what its in-flight fill published
         self._near = NearCache(settings.cache_local_ttl, clock)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -96,6 +104,11 @@ class AggregateCache:
     async def start(self) -> None:
         """Background refreshes run on the loop that started us (the server's)."""
         self._loop = asyncio.get_running_loop()
+
+    def live(self) -> bool:
+        """Whether we run on the loop that started us (a server's): only there may a fill, or
+        a request's wait for it, outlive the handler that began it."""
+        return self._loop is asyncio.get_running_loop()
 
     async def stop(self) -> None:
         tasks = list(self._inflight.values())
@@ -108,7 +121,11 @@ class AggregateCache:
     # -- lookups ----------------------------------------------------------------------------
 
     def caches(self, name: str) -> bool:
+        """Whether `name`'s answers are cached at all (never with the null backend: its near
+        copy would otherwise keep serving them, for `cache_local_ttl`, from memory)."""
         agg = self.config.aggregates[name]
+        if self.store.stores_nothing:
+            return False
         return agg.cache_ttl > 0 or agg.cache_partial_ttl is not None
 
     async def lookup(
@@ -129,11 +146,15 @@ class AggregateCache:
             vary = caller.vary
         found = await self._lookup(name, params, vary)
         ms = (time.perf_counter() - begun) * 1000
-        return dataclasses.replace(
-            found,
-            started=begun if started is None else started,
-            ms=ms,
-            caller=caller if caller is not None else ANONYMOUS,
+        return Lookup(  # not dataclasses.replace: this runs for every request, and it is slow
+            found.name,
+            found.params,
+            found.state,
+            found.entry,
+            found.vary,
+            caller if caller is not None else ANONYMOUS,
+            begun if started is None else started,
+            ms,
         )
 
     async def _lookup(self, name: str, params: Mapping[str, ParamValue], vary: str) -> Lookup:
@@ -180,8 +201,9 @@ class AggregateCache:
         return not caller.credentials or self._declared[name]
 
     def hit(self, lookup: Lookup) -> Answer | None:
-        """The answer to a fresh lookup; None when it needs the view (a fill, a stale entry)."""
-        if lookup.state == "fresh" and lookup.entry is not None:
+        """The answer to a fresh lookup; None when it needs the view (a fill, a stale entry, or
+        a request for a progressive answer, which the view streams from the entry)."""
+        if lookup.state == "fresh" and lookup.entry is not None and not lookup.caller.stream:
             return self._from_entry(lookup.entry, "HIT", lookup.caller, lookup)
         return None
 
@@ -193,11 +215,17 @@ class AggregateCache:
         params: Mapping[str, ParamValue],
         caller: Caller | None = None,
         lookup: Lookup | None = None,
+        *,
+        listener: Listener | None = None,
     ) -> Answer:
-        """The response for one request of aggregate `name` (`caller`: what its headers say)."""
+        """The response for one request of aggregate `name` (`caller`: what its headers say).
+
+        `listener` hears each source's result as the fill it waits for records it, if it waits
+        for one that may answer it (not when an older entry may be served in its place).
+        """
         caller = caller or ANONYMOUS
         if not self.shares(name, caller):
-            return await self._answer_privately(name, params, caller)
+            return await self._answer_privately(name, params, caller, listener)
         vary = caller.vary
         if lookup is None or (lookup.name, lookup.params, lookup.vary) != (name, params, vary):
             lookup = await self.lookup(name, params, caller=caller)
@@ -205,19 +233,28 @@ class AggregateCache:
             return self._from_entry(lookup.entry, "HIT", caller, lookup)
         if lookup.state == "stale" and lookup.entry is not None:
             self._refresh_in_background(name, params, vary)
-            return self._from_entry(lookup.entry, "STALE", caller, lookup)
+            stale = StaleInfo(age=self._age(lookup.entry), reason="refreshing")
+            return self._from_entry(lookup.entry, "STALE", caller, lookup, stale=stale)
         if lookup.state == "off":
-            filled = await self._fill_fn(name, params)  # not cached: a disconnect cancels it
+            # Not cached: a disconnect cancels it.
+            filled = await self._fill_fn(name, params, listener=listener)
             return self._from_filled(filled, None, 0, caller, lookup)
+        if lookup.state == "stale_if_error":
+            listener = None  # the answer may be the stored entry: what the fill hears is not it
         # Cache down (bypass) too: concurrent requests still share one fan-out per process, so
         # a cache outage never multiplies the load on upstreams.
-        filled = await self._single_flight(name, params, vary)
+        filled = await self._single_flight(name, params, vary, listener)
         if filled.entry is not None:
             return self._from_entry(filled.entry, "HIT", caller, lookup, filled)
         if filled.status >= 500 and lookup.entry is not None:
             if lookup.state in ("stale_if_error", "stale"):
                 logger.info("serving stale %s: its refresh answered %d", name, filled.status)
-                return self._from_entry(lookup.entry, "STALE", caller, lookup, filled)
+                stale = StaleInfo(
+                    age=self._age(lookup.entry),
+                    reason="refresh_failed",
+                    detail=_refresh_failure(filled),
+                )
+                return self._from_entry(lookup.entry, "STALE", caller, lookup, filled, stale)
         if lookup.state == "bypass":
             return self._from_filled(filled, "BYPASS", 0, caller, lookup, bypass="backend")
         ttl = aggregate_ttls(self.config.aggregates[name], filled.complete)
@@ -225,13 +262,17 @@ class AggregateCache:
         return self._from_filled(filled, "MISS", max_age, caller, lookup)
 
     async def _answer_privately(
-        self, name: str, params: Mapping[str, ParamValue], caller: Caller
+        self,
+        name: str,
+        params: Mapping[str, ParamValue],
+        caller: Caller,
+        listener: Listener | None = None,
     ) -> Answer:
         """A fan-out of this request's own, neither read from nor written to the cache, and not
         the single-flight fill other requests share (privacy module docstring)."""
         lookup = Lookup(name, params, "bypass" if self.caches(name) else "off")
         lookup = dataclasses.replace(lookup, started=time.perf_counter())
-        filled = await self._fill_fn(name, params)
+        filled = await self._fill_fn(name, params, listener=listener)
         how = "BYPASS" if lookup.state == "bypass" else None
         return self._from_filled(filled, how, 0, caller, lookup, bypass="credentials")
 
@@ -242,11 +283,17 @@ class AggregateCache:
         caller: Caller,
         lookup: Lookup,
         filled: Filled | None = None,
+        stale: StaleInfo | None = None,
     ) -> Answer:
         self.metrics.cache_result(lookup.name, how)  # every HIT, fast path's included
         vary = self._vary_header[lookup.name] if self._vary[lookup.name] else ""
         now = self.clock()
-        return entry_answer(entry, how, caller, lookup, now=now, vary=vary, filled=filled)
+        return entry_answer(
+            entry, how, caller, lookup, now=now, vary=vary, filled=filled, stale=stale
+        )
+
+    def _age(self, entry: AggregateEntry) -> float:
+        return round(entry.meta.age(self.clock()), 1)
 
     def _from_filled(
         self,
@@ -327,25 +374,37 @@ class AggregateCache:
                 # Its upstream calls carry the id of the request that started it: say which.
                 logger.debug("waiting for %s", task.get_name())
             return task
-        fill = self._fill_and_store(name, params, key, vary, force=force)
+        progress = Progress()
+        fill = self._fill_and_store(name, params, key, vary, progress, force=force)
         # Created in this request's context: the fill's upstream calls and log lines carry its
         # id and send its forwarded headers (whose values the key's digest was made of).
         started_by = request_id.get() or "no request"
         task = asyncio.create_task(fill, name=f"fill:{key} (started by {started_by})")
         self._inflight[key] = task
+        self._progress[key] = progress
         task.add_done_callback(lambda t: self._forget(key, t))
         return task
 
     def _forget(self, key: str, task: asyncio.Task[Filled]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
+            self._progress.pop(key, None)
         if not task.cancelled() and task.exception() is not None:
             logger.error("filling %s failed", key, exc_info=task.exception())
 
     async def _single_flight(
-        self, name: str, params: Mapping[str, ParamValue], vary: str
+        self,
+        name: str,
+        params: Mapping[str, ParamValue],
+        vary: str,
+        listener: Listener | None = None,
     ) -> Filled:
         task = self._task_for(name, params, vary, waiter=True)
+        progress = None
+        if listener is not None:
+            progress = self._progress.get(aggregate_key(name, params, vary))
+            if progress is not None:
+                progress.subscribe(listener)
         try:
             async with asyncio.timeout(self.settings.singleflight_wait):
                 return await asyncio.shield(task)
@@ -355,12 +414,16 @@ class AggregateCache:
                 self.settings.singleflight_wait,
                 name,
             )
+            # (Without the listener: it heard that fill's results, and the answer says the rest.)
             return await self._fill_fn(name, params)
+        finally:
+            if progress is not None and listener is not None:
+                progress.unsubscribe(listener)
 
     def _refresh_in_background(
         self, name: str, params: Mapping[str, ParamValue], vary: str
     ) -> None:
-        if self._loop is not asyncio.get_running_loop():
+        if not self.live():
             # Not started by a lifespan on this loop (Flask's test client, the CLI): a task
             # would die with the request's private loop, so there is no background refresh.
             return
@@ -372,20 +435,29 @@ class AggregateCache:
         params: Mapping[str, ParamValue],
         key: str,
         vary: str,
+        progress: Progress,
         *,
         force: bool = False,
     ) -> Filled:
-        """One fan-out for `key`, stored; `force` (warming) never settles for an older entry."""
+        """One fan-out for `key`, stored; `force` (warming) never settles for an older entry.
+        Its sources' results are published to `progress` as they land."""
         begun = time.perf_counter()
         filled, fan_out_ms = await self._fill_and_store_untimed(
-            name, params, key, vary, force=force
+            name, params, key, vary, progress, force=force
         )
         # Everything here that is not the fan-out itself is cache I/O (or waiting on it).
         cache_ms = (time.perf_counter() - begun) * 1000 - fan_out_ms
         return dataclasses.replace(filled, cache_ms=max(cache_ms, 0.0))
 
     async def _fill_and_store_untimed(
-        self, name: str, params: Mapping[str, ParamValue], key: str, vary: str, *, force: bool
+        self,
+        name: str,
+        params: Mapping[str, ParamValue],
+        key: str,
+        vary: str,
+        progress: Progress,
+        *,
+        force: bool,
     ) -> tuple[Filled, float]:
         """`_fill_and_store`, and the ms its fan-out took (0 when another fill answered)."""
         agg = self.config.aggregates[name]
@@ -412,7 +484,7 @@ class AggregateCache:
                     filled = _filled_from(entry)
                     return filled, 0.0
             fill_started = time.perf_counter()
-            filled = await self._fill_fn(name, params)
+            filled = await self._fill_fn(name, params, listener=progress.publish)
             fan_out_ms = (time.perf_counter() - fill_started) * 1000
             if await self._store(name, key, filled):
                 return dataclasses.replace(filled, stored=True), fan_out_ms
@@ -454,7 +526,7 @@ class AggregateCache:
             stale_if_error_ttl=agg.stale_if_error_ttl,
             status=filled.status,
             complete=filled.complete,
-            etag=etag_for(filled.body),
+            etag=etag_for(filled.body, filled.status),
             timing=filled.timing,
             failed=filled.failed,
         )
@@ -464,6 +536,12 @@ class AggregateCache:
             return False
         self._near.put(key, AggregateEntry(meta, filled.body))
         return True
+
+
+def _refresh_failure(filled: Filled) -> str:
+    """What a failed refresh answered, for `stale.detail`: `status=502; failed="a,b"`."""
+    failed = f'; failed="{",".join(filled.failed)}"' if filled.failed else ""
+    return f"status={filled.status}{failed}"
 
 
 def _filled_from(entry: AggregateEntry) -> Filled:

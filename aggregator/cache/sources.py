@@ -25,10 +25,11 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from pydantic import ValidationError
 
+from aggregator.bodytemplate import body_digest
 from aggregator.cache.entries import SourceEntry, decode_marker, source_key, source_marker
 from aggregator.cache.privacy import vary_digest
 from aggregator.cache.store import CacheStore
@@ -75,10 +76,12 @@ class SourceCache:
         #: or (learned) a cacheable answer seen by this process.
         self._looked_up = {name for name, up in config.upstreams.items() if (up.cache_ttl or 0) > 0}
 
-    def _key(self, upstream: str, params: Mapping[str, ParamValue]) -> str:
+    def _key(self, upstream: str, values: Mapping[str, ParamValue]) -> str:
         """Upstream and URL, and the values of the client headers it forwards (this request's)."""
         config = self.config.upstreams[upstream]
-        url = config.template.render(params)
+        url = config.template.render(values)
+        if config.body_template is not None:  # the body picks the answer as much as the URL
+            url = f"{config.method} {url} {body_digest(config.body_template.render(values))}"
         names = config.forwarded_keys
         if not names:
             return source_key(upstream, url)
@@ -88,15 +91,22 @@ class SourceCache:
     async def lookup(
         self, aggregate: AggregateConfig, params: Mapping[str, ParamValue]
     ) -> dict[str, SourceResult | None]:
-        """Each source the cache applies to: its cached result ("hit"), or None for a miss.
+        """Each source of `aggregate` the cache applies to: its cached result ("hit"), or None
+        for a miss.
 
         Sources it does not apply to are absent, and so is everything when the cache is down.
         """
+        return await self.lookup_sources(aggregate.sources, params)
+
+    async def lookup_sources(
+        self, sources: Iterable[str], values: Mapping[str, ParamValue]
+    ) -> dict[str, SourceResult | None]:
+        """`lookup` for any upstreams called with the same URL `values` (one `get_many`)."""
         started = time.perf_counter()
-        names = [name for name in aggregate.sources if name in self._looked_up]
+        names = [name for name in sources if name in self._looked_up]
         if not names:
             return {}
-        keys = [self._key(name, params) for name in names]
+        keys = [self._key(name, values) for name in names]
         try:
             raw = await self.cache_store.get_many(*keys, *map(source_marker, names))
         except CacheUnavailableError:
@@ -136,7 +146,7 @@ class SourceCache:
         return SourceResult(name=name, status="ok", ms=ms, data=data, cache="hit")
 
     async def store(
-        self, params: Mapping[str, ParamValue], results: Mapping[str, SourceResult]
+        self, values: Mapping[str, ParamValue], results: Mapping[str, SourceResult]
     ) -> None:
         """Keep each successful, freshly fetched result its TTL allows; errors only log."""
         now = self.clock()
@@ -150,7 +160,7 @@ class SourceCache:
             self._looked_up.add(name)
             body = SourceEntry(stored=now, ttl=ttl, data=result.data).model_dump_json().encode()
             # The backend drops it a second after it expires; the TTL itself is checked on read.
-            writes.append((self._key(name, params), body, math.ceil(ttl) + 1))
+            writes.append((self._key(name, values), body, math.ceil(ttl) + 1))
         if not writes:
             return
         outcomes = await asyncio.gather(

@@ -49,6 +49,8 @@ class CacheStore:
         self.backend: Any = cache.cache
         # In-memory backends: no blocking I/O (called inline), and nothing another process sees.
         self.inline = isinstance(self.backend, backends.SimpleCache | backends.NullCache)
+        #: AGGREGATOR_CACHE_TYPE=null: caching off (nothing stored, not even in a worker's memory).
+        self.stores_nothing = isinstance(self.backend, backends.NullCache)
         # flask-caching's Redis base: Sentinel and Cluster backends lock across processes too.
         self.is_redis = isinstance(self.backend, flask_caching_backends.RedisCache)
         self.settings = settings

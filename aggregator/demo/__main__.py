@@ -19,6 +19,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--stall-rate", type=float, default=0.0, help="chance of no answer until the caller quits"
     )
+    parser.add_argument(
+        "--payload-kb",
+        type=float,
+        default=0.0,
+        help="KB of JSON per answer, grown in lists the models keep (0: the small payloads)",
+    )
     args = parser.parse_args(argv)
     try:
         knobs = Knobs(
@@ -26,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
             jitter=args.jitter,
             failure_rate=args.failure_rate,
             stall_rate=args.stall_rate,
+            payload_kb=args.payload_kb,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -6,6 +6,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+#: Largest payload the demo grows to, in kilobytes.
+MAX_PAYLOAD_KB = 1024
+
 
 @dataclass(frozen=True)
 class Knobs:
@@ -16,9 +19,15 @@ class Knobs:
     failure_rate: float = 0.0
     #: Chance that a call stalls until its caller times out (the `stall` knob's default).
     stall_rate: float = 0.0
+    #: Kilobytes of JSON per answer (the `kb` knob's default); 0: the small default payloads.
+    payload_kb: float = 0.0
 
     def __post_init__(self) -> None:
         """Reject nonsense early so a misconfigured demo fails at startup, not per request."""
+        if not (math.isfinite(self.payload_kb) and 0 <= self.payload_kb <= MAX_PAYLOAD_KB):
+            raise ValueError(
+                f"payload_kb must be within 0..{MAX_PAYLOAD_KB}, got {self.payload_kb!r}"
+            )
         for name in ("latency", "jitter"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -37,6 +46,13 @@ class RequestKnobs:
     jitter: float
     fail: float
     stall: float = 0.0
+    #: Kilobytes of JSON the payload is grown to (0: the default payload).
+    kb: float = 0.0
+    #: The heavy tail: the chance that a call takes `tail_delay` seconds more ...
+    tail: float = 0.0
+    tail_delay: float = 1.0
+    #: ... or, deterministically, every Nth call to this service (the 1st, N+1th, ...; 0: off).
+    tail_every: int = 0
     status: int | None = None
     drip: float = 0.0
     size: int = 0
@@ -113,8 +129,9 @@ def parse_knobs(query: Mapping[str, str], defaults: Knobs) -> RequestKnobs:
     jitter = _number(query, "jitter", defaults.jitter, 3600.0)
     fail = _number(query, "fail", defaults.failure_rate, 1.0)
     stall = _number(query, "stall", defaults.stall_rate, 1.0)
+    kb = _number(query, "kb", defaults.payload_kb, MAX_PAYLOAD_KB)
     if len(query) == 0:
-        return RequestKnobs(delay=delay, jitter=jitter, fail=fail, stall=stall)
+        return RequestKnobs(delay=delay, jitter=jitter, fail=fail, stall=stall, kb=kb)
     shape = query.get("shape")
     if shape not in (None, "wrong", "ok"):
         raise BadKnobError("shape", f"{shape!r} is not 'wrong' or 'ok'")
@@ -127,6 +144,10 @@ def parse_knobs(query: Mapping[str, str], defaults: Knobs) -> RequestKnobs:
         jitter=jitter,
         fail=fail,
         stall=stall,
+        kb=kb,
+        tail=_number(query, "tail", 0.0, 1.0),
+        tail_delay=_number(query, "tail_delay", 1.0, 3600.0),
+        tail_every=_integer(query, "tail_every", 1, 1_000_000) or 0,
         status=status,
         drip=_number(query, "drip", 0.0, 3600.0),
         size=_integer(query, "size", 0, 2**31) or 0,

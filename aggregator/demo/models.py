@@ -5,7 +5,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+
+
+def _empty(value: list[object]) -> bool:
+    """Leave an empty growth list out of every dump, so default payloads keep today's bytes."""
+    return not value
+
+
+class Hour(BaseModel):
+    """One hour of a weather forecast (the list grows with the demo's payload size)."""
+
+    at: datetime
+    temperature_c: float
+    conditions: str
 
 
 class Weather(BaseModel):
@@ -15,6 +28,8 @@ class Weather(BaseModel):
     temperature_c: float
     conditions: str
     updated_at: datetime
+    #: Hourly outlook; only sent when the demo is asked for bigger payloads (`payload_kb`).
+    forecast: list[Hour] = Field(default_factory=list, exclude_if=_empty)
 
 
 class Quote(BaseModel):
@@ -47,6 +62,14 @@ class News(BaseModel):
     articles: list[Article]
 
 
+class Activity(BaseModel):
+    """One thing a user did recently (the list grows with the demo's payload size)."""
+
+    kind: str
+    item: str
+    at: datetime
+
+
 class Profile(BaseModel):
     """A user's profile, whose city can feed a dependent weather call."""
 
@@ -54,6 +77,8 @@ class Profile(BaseModel):
     name: str
     city: str
     plan: Literal["free", "pro"]
+    #: Recent activity; only sent when the demo is asked for bigger payloads (`payload_kb`).
+    activity: list[Activity] = Field(default_factory=list, exclude_if=_empty)
 
 
 class Item(BaseModel):

@@ -1,4 +1,11 @@
-"""The demo services' payloads: deterministic per input, validated by their models, cached."""
+"""The demo services' payloads: deterministic per input, validated by their models, cached.
+
+By default each payload is small (50-700 bytes). Asked for `kb` kilobytes (the demo's
+`payload_kb` knob, `kb=` per request), each one grows a list its model keeps (weather's
+`forecast`, stocks' `quotes`, news' `articles`, profile's `activity`, recommendations'
+`items`) until its JSON is about that size, so the bytes survive validation into the envelope
+(padding with extra fields would not: validation drops them).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,9 @@ from urllib.parse import quote
 from pydantic import BaseModel
 
 from aggregator.demo.models import (
+    Activity,
     Article,
+    Hour,
     Item,
     News,
     Profile,
@@ -102,9 +111,88 @@ def _recommendations(user_id: int) -> Recommendations:
     return Recommendations(user_id=user_id, items=items)
 
 
+def _grow(model: BaseModel, items: list[Any], make: Callable[[int], Any], size: int) -> bytes:
+    """Append `make(i)` to `items` until `model`'s JSON is about `size` bytes; that JSON."""
+    current = len(model.model_dump_json())
+    i = len(items)
+    while current < size:
+        item = make(i)
+        added = len(item.model_dump_json()) + 1  # and a comma (or the list's key, first)
+        if current + added - size > size - current:  # it would overshoot more than it helps
+            break
+        items.append(item)
+        current += added
+        i += 1
+    return model.model_dump_json().encode()
+
+
+def _grown(service: str, model: BaseModel, key: str | int, size: int) -> bytes:
+    """`model` (the default payload of `service` for `key`) grown to about `size` bytes."""
+    rng = _rng(service, key, "grown")
+    if isinstance(model, Weather):
+        return _grow(
+            model,
+            model.forecast,
+            lambda i: Hour(
+                at=model.updated_at + timedelta(hours=i + 1),
+                temperature_c=round(rng.uniform(-10.0, 35.0), 1),
+                conditions=rng.choice(_CONDITIONS),
+            ),
+            size,
+        )
+    if isinstance(model, Stocks):
+        return _grow(
+            model,
+            model.quotes,
+            lambda i: Quote(
+                symbol=f"{_SYMBOLS[i % len(_SYMBOLS)]}.{i // len(_SYMBOLS)}",
+                price=round(rng.uniform(5, 500), 2),
+                change_pct=round(rng.uniform(-5, 5), 2),
+            ),
+            size,
+        )
+    if isinstance(model, News):
+        slug = quote(model.topic, safe="")
+        return _grow(
+            model,
+            model.articles,
+            lambda i: Article(
+                title=f"{model.topic.title()} story #{i + 1}: {rng.choice(_CITIES)}",
+                url=f"https://example.invalid/news/{slug}/{i + 1}",
+                published_at=_stamp(rng),
+            ),
+            size,
+        )
+    if isinstance(model, Profile):
+        return _grow(
+            model,
+            model.activity,
+            lambda i: Activity(
+                kind=rng.choice(("viewed", "bought", "rated", "shared")),
+                item=f"item-{rng.randrange(10000):04d}",
+                at=_stamp(rng),
+            ),
+            size,
+        )
+    assert isinstance(model, Recommendations)
+    return _grow(
+        model,
+        model.items,
+        lambda i: Item(
+            id=f"item-{rng.randrange(10000):04d}",
+            title=f"{rng.choice(_SYMBOLS).title()} kit",
+            score=round(rng.random(), 2),
+        ),
+        size,
+    )
+
+
 @lru_cache(maxsize=4096)
-def cached_body(service: str, key: str | int) -> bytes:
-    """Serialize a payload once, since the data is deterministic and this is the hot path."""
+def cached_body(service: str, key: str | int, kb: float = 0.0) -> bytes:
+    """Serialize a payload once, since the data is deterministic and this is the hot path.
+
+    `kb` > 0: grown to about that many kilobytes (1024 bytes) of JSON; 0: the default payload.
+    """
     builders: dict[str, Callable[[Any], BaseModel]] = {
         "weather": _weather,
         "stocks": _stocks,
@@ -112,4 +200,7 @@ def cached_body(service: str, key: str | int) -> bytes:
         "profile": _profile,
         "recommendations": _recommendations,
     }
-    return builders[service](key).model_dump_json().encode()
+    model = builders[service](key)
+    if kb > 0:
+        return _grown(service, model, key, round(kb * 1024))
+    return model.model_dump_json().encode()

@@ -97,6 +97,7 @@ def start_demo_process(
     jitter: float = 0.0,
     failure_rate: float = 0.0,
     stall_rate: float = 0.0,
+    payload_kb: float = 0.0,
     log_path: Path | None = None,
     timeout: float = 10.0,
 ) -> DemoProcess:
@@ -121,6 +122,7 @@ def start_demo_process(
         f"--jitter={jitter!r}",
         f"--failure-rate={failure_rate!r}",
         f"--stall-rate={stall_rate!r}",
+        f"--payload-kb={payload_kb!r}",
     ]
     with log_path.open("wb") as log:
         popen = subprocess.Popen(

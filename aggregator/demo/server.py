@@ -1,21 +1,28 @@
 """aiohttp app serving the slow, deterministic demo upstreams, so benchmarks never wait on it.
 
 Per-request knobs in the query string shape each answer:
-`delay=S` and `jitter=S` (seconds before answering), `fail=P` (chance of a 503), `stall=P`
-(chance of answering nothing until the caller gives up and closes the connection: a timeout
-on the caller's side; at most 60 s), `status=N` (answer HTTP N), `drip=S` (send the body over
-S seconds), `size=N` (pad the body to N bytes), `invalid=1` (cut JSON), `html=1` (an HTML
-page), `shape=wrong` (JSON of the wrong shape), `cc=VALUE` (send `Cache-Control: VALUE`
-verbatim, e.g. `cc=max-age%3D60`), and the hostile ones: `redirect=LOCATION` (answer `status`
-(default 302) with that `Location`, verbatim), `gzip=1` (gzip the body as it streams: with
-`size=1073741824` a 1 GiB bomb of ~1 MiB), `ctype=VALUE` (that Content-Type on a JSON body)
-and `depth=N` (a body of N nested JSON arrays).
+`delay=S` and `jitter=S` (seconds before answering), `kb=N` (the payload grown to about N KB of
+JSON its model keeps; the server-wide default is `--payload-kb`, 0: the small payloads),
+`tail=P` (chance of taking `tail_delay=S` seconds more, default 1: a heavy tail, as real
+upstreams have, unlike `jitter`'s uniform spread) or `tail_every=N` (every Nth call to the
+service since the last reset is in that tail, the first included: deterministic, for tests),
+`fail=P` (chance of a 503), `stall=P` (chance of answering nothing until the caller gives up and
+closes the connection: a timeout on the caller's side; at most 60 s), `status=N` (answer HTTP
+N), `drip=S` (send the body over S seconds), `size=N` (pad the body to N bytes), `invalid=1`
+(cut JSON), `html=1` (an HTML page), `shape=wrong` (JSON of the wrong shape), `cc=VALUE` (send
+`Cache-Control: VALUE` verbatim, e.g. `cc=max-age%3D60`), and the hostile ones:
+`redirect=LOCATION` (answer `status` (default 302) with that `Location`, verbatim), `gzip=1`
+(gzip the body as it streams: with `size=1073741824` a 1 GiB bomb of ~1 MiB), `ctype=VALUE`
+(that Content-Type on a JSON body) and `depth=N` (a body of N nested JSON arrays).
 
 Every request received, whatever its path, is recorded (method, Host header, raw path and query
 as sent) and listed by `GET /_requests` (the last 10,000; `POST /_reset` clears them), so tests
 can prove that no request ever reached an unexpected host or path. `GET /_requests?headers=1`
 adds each request's headers, so tests can see what the aggregator sent upstream (request ids,
 forwarded client headers, and the ones it must never forward).
+
+The OAuth2 token server, the bearer-protected service and the POST/GraphQL endpoints are
+`auth`'s (`/oauth/token`, `/protected/...`, `/post/echo`, `/graphql`).
 
 This module is the app: its routes and how a knob picks an answer. Parsing the knobs is
 `knobs`, the payloads `payloads`, delivering an answer (padding, drip, gzip, redirect, stall)
@@ -34,6 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
+from aggregator.demo.auth import add_auth_routes
 from aggregator.demo.behaviours import (
     error_response,
     json_response,
@@ -42,7 +50,7 @@ from aggregator.demo.behaviours import (
     stall,
     with_headers,
 )
-from aggregator.demo.knobs import BadKnobError, Knobs, parse_knobs
+from aggregator.demo.knobs import BadKnobError, Knobs, RequestKnobs, parse_knobs
 from aggregator.demo.payloads import cached_body
 from aggregator.demo.stats import Stats
 
@@ -74,7 +82,7 @@ def _user_id(request: web.Request) -> int:
 
 
 async def _serve(
-    request: web.Request, service: str, build: Callable[[], bytes]
+    request: web.Request, service: str, build: Callable[[float], bytes]
 ) -> web.StreamResponse:
     """Apply the knobs around one service call and keep the stats honest."""
     stats = request.app[STATS_KEY]
@@ -84,7 +92,7 @@ async def _serve(
     try:
         try:
             knobs = parse_knobs(request.query, request.app[KNOBS_KEY])
-            body = build()
+            body = build(knobs.kb)
         except BadKnobError as exc:
             return error_response(400, service, str(exc), knob=exc.knob)
         except _NotFound as exc:
@@ -92,6 +100,8 @@ async def _serve(
         if knobs.stall and random.random() < knobs.stall:
             await stall(request)
         delay = knobs.delay + (random.uniform(0.0, knobs.jitter) if knobs.jitter else 0.0)
+        if _in_tail(knobs, stats.requests[service]):
+            delay += knobs.tail_delay
         if delay > 0:
             await asyncio.sleep(delay)
         headers = {} if knobs.cache_control is None else {"Cache-Control": knobs.cache_control}
@@ -126,50 +136,64 @@ async def _serve(
         stats.in_flight -= 1
 
 
+def _in_tail(knobs: RequestKnobs, count: int) -> bool:
+    """Whether the `count`th call to a service since the last reset is in the heavy tail."""
+    if knobs.tail_every:
+        return (count - 1) % knobs.tail_every == 0
+    return bool(knobs.tail) and random.random() < knobs.tail
+
+
 async def _weather_handler(request: web.Request) -> web.StreamResponse:
     """Serve GET /weather/{city}."""
     return await _serve(
-        request, "weather", lambda: cached_body("weather", request.match_info["city"])
+        request, "weather", lambda kb: cached_body("weather", request.match_info["city"], kb)
     )
 
 
 async def _stocks_handler(request: web.Request) -> web.StreamResponse:
     """Serve GET /stocks/{user_id}."""
-    return await _serve(request, "stocks", lambda: cached_body("stocks", _user_id(request)))
+    return await _serve(request, "stocks", lambda kb: cached_body("stocks", _user_id(request), kb))
 
 
 async def _news_handler(request: web.Request) -> web.StreamResponse:
     """Serve GET /news?topic=..."""
     return await _serve(
-        request, "news", lambda: cached_body("news", request.query.get("topic") or "general")
+        request, "news", lambda kb: cached_body("news", request.query.get("topic") or "general", kb)
     )
 
 
 async def _profile_handler(request: web.Request) -> web.StreamResponse:
     """Serve GET /profile/{user_id}."""
-    return await _serve(request, "profile", lambda: cached_body("profile", _user_id(request)))
+    return await _serve(
+        request, "profile", lambda kb: cached_body("profile", _user_id(request), kb)
+    )
 
 
 async def _recommendations_handler(request: web.Request) -> web.StreamResponse:
     """Serve GET /recommendations/{user_id}."""
     return await _serve(
-        request, "recommendations", lambda: cached_body("recommendations", _user_id(request))
+        request, "recommendations", lambda kb: cached_body("recommendations", _user_id(request), kb)
     )
 
 
 def _echo_body(request: web.Request) -> bytes:
-    """Describe the request exactly as received, to prove how callers encoded it."""
+    """Describe the request exactly as received, to prove how callers encoded it; `args` are
+    the query's parameters decoded (the first value of each), so an answer can carry any value
+    a test asks for (hostile ones included) to a source that needs it."""
     path, _, query = request.raw_path.partition("?")
     headers: dict[str, str] = {}
     for name, value in request.headers.items():
         key = name.lower()
         headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    return json.dumps({"path": path, "query": query, "headers": headers}).encode()
+    args: dict[str, str] = {}
+    for name, value in request.query.items():
+        args.setdefault(name, value)
+    return json.dumps({"path": path, "query": query, "headers": headers, "args": args}).encode()
 
 
 async def _echo_handler(request: web.Request) -> web.StreamResponse:
     """Serve GET /echo/{rest}."""
-    return await _serve(request, "echo", lambda: _echo_body(request))
+    return await _serve(request, "echo", lambda _kb: _echo_body(request))
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -241,9 +265,10 @@ def create_demo_app(knobs: Knobs | None = None) -> web.Application:
             web.get("/_stats", _stats),
             web.post("/_reset", _reset),
             web.get("/_requests", _requests),
-            web.route("*", "/{tail:.*}", _not_found),
         ]
     )
+    add_auth_routes(app)  # the token server, a protected service, POST and GraphQL endpoints
+    app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 
 

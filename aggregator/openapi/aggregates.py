@@ -9,8 +9,9 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from aggregator.config import AggregateConfig, AppConfig
-from aggregator.models import JSONDict, SourceError, SourceInfo
+from aggregator.models import JSONDict, SourceError, SourceInfo, StaleInfo
 from aggregator.openapi.parameters import query_parameters
+from aggregator.openapi.progressive import progressive_content
 from aggregator.openapi.responses import (
     envelope_name,
     error_response,
@@ -43,15 +44,41 @@ def envelope_schema(
             },
             "sources": {
                 "type": "object",
-                "description": "Status and ms of every source.",
+                "description": "Status, ms and start (ms since the fan-out) of every source.",
                 "properties": {s: refs[SourceInfo] for s in agg.sources},
                 "required": list(agg.sources),
                 "additionalProperties": False,
             },
             "complete": {"type": "boolean", "description": "True when no source failed."},
+            "stale": {
+                **refs[StaleInfo],
+                "description": "Only on a stale answer (X-Cache: STALE): its age and why it "
+                "is served: a refresh runs meanwhile, or the refresh failed.",
+            },
         },
         "additionalProperties": False,
     }
+
+
+def view_envelope_schema(
+    agg: AggregateConfig, model: type[BaseModel] | None, refs: dict[type[BaseModel], JSONDict]
+) -> JSONDict:
+    """The envelope of an aggregate written as a view: `data` is what the view returns, and
+    `sources` holds the sources this answer called (a view may call some, or one twice)."""
+    schema = envelope_schema(agg, {}, refs)
+    properties = schema["properties"]
+    properties["data"] = (
+        refs[model]
+        if model is not None
+        else {"type": "object", "description": "What the view returned."}
+    )
+    properties["errors"].pop("propertyNames")
+    properties["sources"] = {
+        "type": "object",
+        "description": "Status and ms of every source this answer called.",
+        "additionalProperties": refs[SourceInfo],
+    }
+    return schema
 
 
 def _envelope_headers(*, cached: bool) -> JSONDict:
@@ -78,15 +105,24 @@ def _envelope_headers(*, cached: bool) -> JSONDict:
             "Cookie) or `backend` (the cache backend is unreachable).",
             {"enum": ["credentials", "backend"]},
         )
-        headers["ETag"] = header_spec("Send it back in If-None-Match to get a 304.")
+        headers["ETag"] = header_spec(
+            "A weak ETag over the answer's content (its status, `data`, `errors` and "
+            "`complete`; not `sources`, whose timings differ on every fill): send it back in "
+            "If-None-Match to get a 304 while the content is unchanged, cached or not."
+        )
+        headers["X-Cache-Stale"] = header_spec(
+            'On a stale answer: `refreshing`, or `refresh-failed; status=N; failed="a,b"`.',
+        )
         headers["Age"] = header_spec("Seconds since the answer was stored.")
     return headers
 
 
-def aggregate_operation(config: AppConfig, name: str, agg: AggregateConfig) -> JSONDict:
+def aggregate_operation(
+    config: AppConfig, name: str, agg: AggregateConfig, *, view: bool = False
+) -> JSONDict:
     envelope = ref(envelope_name(name))
     ok = envelope
-    if agg.required:
+    if agg.required and not view:
         # A 200 means every required source answered (or served its fallback).
         ok = {"allOf": [envelope, {"properties": {"data": {"required": list(agg.required)}}}]}
     required = ", ".join(agg.required) or "none"
@@ -112,21 +148,43 @@ def aggregate_operation(config: AppConfig, name: str, agg: AggregateConfig) -> J
             }
         )
     parameters += _forwarded_parameters(config, agg)
+    after = [
+        f"{source} after {', '.join(sorted(config.upstreams[source].template.sources))}"
+        for source in ([] if view else agg.sources)
+        if config.upstreams[source].template.fields
+    ]
+    if view:
+        calls = f"A view that calls its sources within a {agg.deadline:g} s deadline."
+    elif not after:
+        calls = f"Calls {len(agg.sources)} sources at once within a {agg.deadline:g} s deadline."
+    else:
+        calls = (
+            f"Calls {len(agg.sources)} sources within a {agg.deadline:g} s deadline, each as "
+            f"soon as the answers it needs have arrived: {'; '.join(after)}."
+        )
     return {
         "tags": ["aggregates"],
         "operationId": f"aggregate_{name}",
-        "summary": f"The {name!r} aggregate: {', '.join(agg.sources)}",
+        "summary": (
+            f"The {name!r} aggregate view"
+            if view
+            else f"The {name!r} aggregate: {', '.join(agg.sources)}"
+        ),
         "description": (
-            f"Calls {len(agg.sources)} sources at once within a {agg.deadline:g} s deadline. "
-            f"Required sources: {required}. Cached for {agg.cache_ttl:g} s "
+            f"{calls} Required sources: {required}. Cached for {agg.cache_ttl:g} s "
             f"(0: not cached). Unknown query parameters are ignored (cache busters)."
         ),
         "parameters": parameters,
         "responses": {
-            "200": json_response(
-                "Every source answered, or only optional ones failed (`complete: false`).",
-                ok,
-                headers=_envelope_headers(cached=True),
+            "200": _with_progressive(
+                json_response(
+                    "Every source answered, or only optional ones failed (`complete: false`). "
+                    "With `Accept: text/event-stream` or `application/x-ndjson`: the answer as "
+                    "it is made, one event per source as it lands, then `done` with the status "
+                    "the JSON answer has (always a 200, `Cache-Control: no-store`).",
+                    ok,
+                    headers=_envelope_headers(cached=True),
+                )
             ),
             "304": {
                 "description": "Not modified: the If-None-Match ETag is current.",
@@ -149,6 +207,11 @@ def aggregate_operation(config: AppConfig, name: str, agg: AggregateConfig) -> J
             ),
         },
     }
+
+
+def _with_progressive(response: JSONDict) -> JSONDict:
+    response["content"].update(progressive_content())
+    return response
 
 
 def twin_operation(name: str, agg: AggregateConfig, prefix: str) -> JSONDict:

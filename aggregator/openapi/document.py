@@ -13,30 +13,55 @@ is read once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 
 from aggregator.config import AppConfig
 from aggregator.context import MAX_REQUEST_ID, REQUEST_ID_HEADER
 from aggregator.models import JSONDict
-from aggregator.openapi.aggregates import aggregate_operation, envelope_schema, twin_operation
+from aggregator.openapi.aggregates import (
+    aggregate_operation,
+    envelope_schema,
+    twin_operation,
+    view_envelope_schema,
+)
 from aggregator.openapi.fixed_paths import admin_paths, health_paths, metrics_paths
+from aggregator.openapi.progressive import event_schemas
 from aggregator.openapi.responses import envelope_name, header_spec
 from aggregator.openapi.schemas import data_schema, fixed_schemas, model_schemas
+from aggregator.shape import shaped_schema
 from aggregator.status import status_paths, status_schemas
+from aggregator.viewfill import AggregateView
 
 
 def build_openapi(
-    config: AppConfig, *, sync_prefixes: Iterable[str] = (), dashboard: bool = True
+    config: AppConfig,
+    *,
+    sync_prefixes: Iterable[str] = (),
+    dashboard: bool = True,
+    views: Mapping[str, AggregateView] | None = None,
 ) -> JSONDict:
     """The whole document for `config`; `sync_prefixes` are the sync twins' path prefixes,
-    `dashboard` whether the page at `/` is served."""
-    schemas, refs = model_schemas(config)
+    `dashboard` whether the page at `/` is served, `views` the aggregates written as views
+    (their `data` is what the view returns: its return model, if it names one)."""
+    views = views or {}
+    schemas, refs = model_schemas(config, [v.data_model for v in views.values() if v.data_model])
     schemas.update(fixed_schemas(config))
     schemas.update(status_schemas())
+    schemas.update(event_schemas(refs))
     paths: JSONDict = {}
     for name, agg in config.aggregates.items():
-        data = {s: data_schema(refs, config.upstreams[s].model) for s in agg.sources}
+        view = views.get(name)
+        if view is not None:
+            schemas[envelope_name(name)] = view_envelope_schema(agg, view.data_model, refs)
+            paths[agg.path] = {"get": aggregate_operation(config, name, agg, view=True)}
+            continue
+        data = {
+            s: shaped_schema(
+                config.upstreams[s], data_schema(refs, config.upstreams[s].model), schemas
+            )
+            for s in agg.sources
+        }
         schemas[envelope_name(name)] = envelope_schema(agg, data, refs)
         paths[agg.path] = {"get": aggregate_operation(config, name, agg)}
         for prefix in sync_prefixes:

@@ -7,25 +7,31 @@ because no pydantic model produces them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from aggregator.config import AppConfig
-from aggregator.models import JSONDict, SourceError, SourceInfo
+from aggregator.models import JSONDict, SourceError, SourceInfo, StaleInfo
 from aggregator.openapi.parameters import has_required, params_object
 from aggregator.openapi.responses import REF_TEMPLATE, ref
 
 
-def model_schemas(config: AppConfig) -> tuple[JSONDict, dict[type[BaseModel], JSONDict]]:
-    """Definitions of each source model and the envelope's own, and the `$ref` of each model.
+def model_schemas(
+    config: AppConfig, extra: Iterable[type[BaseModel]] = ()
+) -> tuple[JSONDict, dict[type[BaseModel], JSONDict]]:
+    """Definitions of each source model, the envelope's own and those in `extra` (what views
+    return), and the `$ref` of each model.
 
     One pydantic run for all of them: nested models are defined once, and two models that share
     a class name get distinct (qualified) definition names.
     """
-    models: list[type[BaseModel]] = [SourceError, SourceInfo]
+    models: list[type[BaseModel]] = [SourceError, SourceInfo, StaleInfo]
     for upstream in config.upstreams.values():
         if upstream.model is not None and upstream.model not in models:
             models.append(upstream.model)
+    models += [m for m in extra if m not in models]
     keys, top = models_json_schema(
         [(m, "serialization") for m in models], ref_template=REF_TEMPLATE
     )

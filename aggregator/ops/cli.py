@@ -6,6 +6,9 @@ engine, Flask) inside the command, so `aggregator status` or `--help` start with
 
 from __future__ import annotations
 
+import sys
+from typing import Any
+
 import click
 
 from aggregator.bench.command import bench as bench_command
@@ -14,16 +17,30 @@ from aggregator.ops.purge import cache_group
 from aggregator.ops.serve import DEMO_HOST, DEMO_PORT, check_config, serve
 from aggregator.ops.status.command import status
 from aggregator.ops.warm.command import warm
+from aggregator.settings import SettingsError
 
 
-@click.group(context_settings={"auto_envvar_prefix": "AGGREGATOR"})
+class _Commands(click.Group):
+    """The command group; an unusable AGGREGATOR_* variable, wherever a command reads the
+    settings, is one line (the variable, its value, what is allowed) and exit 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SettingsError as exc:
+            click.echo(f"aggregator: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Commands, context_settings={"auto_envvar_prefix": "AGGREGATOR"})
+@click.version_option(package_name="aggregator", message="aggregator %(version)s")
 def main() -> None:
     """Aggregate many slow upstream services into one fast Flask endpoint."""
 
 
 @main.command()
 @click.option("--host", default=DEMO_HOST, show_default=True, help="Loopback address to bind.")
-@click.option("--port", default=DEMO_PORT, show_default=True, type=int)
+@click.option("--port", default=DEMO_PORT, show_default=True, type=int, help="Port to listen on.")
 @click.option("--latency", default=0.1, show_default=True, type=float, help="Default delay, s.")
 @click.option("--jitter", default=0.0, show_default=True, type=float, help="Extra random delay.")
 @click.option("--failure-rate", default=0.0, show_default=True, type=float, help="0..1 -> 503.")
@@ -35,6 +52,12 @@ def demo(
 ) -> None:
     """Run only the slow demo upstream services (what the bundled config aggregates)."""
     from aggregator.demo.knobs import Knobs
+    from aggregator.ops.hypercorn_defaults import port_busy
+
+    busy = port_busy(host, port) if port else None
+    if busy is not None:
+        click.echo(f"aggregator demo: cannot listen on {host}:{port}: {busy}", err=True)
+        sys.exit(1)
     from aggregator.demo.server import run_demo
 
     knobs = Knobs(latency=latency, jitter=jitter, failure_rate=failure_rate, stall_rate=stall_rate)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from aggregator.engine import Engine
 
 #: `--config FILE`, as `serve`, `warm` and `cache purge` take it.
 config_option = click.option(
@@ -13,6 +17,29 @@ config_option = click.option(
     type=click.Path(path_type=Path, dir_okay=False),
     help="TOML config; default: $AGGREGATOR_CONFIG, else the bundled demo.",
 )
+
+
+#: `--app MODULE:NAME`: a developer's Flask app whose `Aggregator` engine holds the aggregates.
+app_option = click.option(
+    "--app",
+    "app_ref",
+    metavar="MODULE:NAME",
+    help="Your Flask app (as for `serve --app`): its engine's aggregates, views included, "
+    "and settings, instead of --config's.",
+)
+
+
+def app_engine(app_ref: str) -> Engine:
+    """The engine of the Flask app `app_ref` names (AppRefError or WarmError-worthy ValueError
+    with one line when it cannot be had)."""
+    # Lazily: only a command given --app imports the developer's app (and with it Flask).
+    from aggregator.engine import find_engine
+    from aggregator.serving.appref import wsgi_app
+
+    engine = find_engine(wsgi_app(app_ref))
+    if engine is None:
+        raise ValueError(f"--app {app_ref}: the app has no aggregator engine (use Aggregator(app))")
+    return engine
 
 
 def key_values(values: tuple[str, ...]) -> dict[str, str]:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from aggregator.config import AppConfig, load_config
 from aggregator.errors import CacheUnavailableError, ConfigError, InvalidRequestError
 from aggregator.log import configure_logging
+from aggregator.ops.demo_defaults import use_demo_cache
 from aggregator.ops.options import config_option, key_values_callback
 from aggregator.params import ParamValue
 from aggregator.settings import Settings
@@ -55,6 +56,7 @@ def cache_purge(
     if aggregate is None and upstream is None:
         raise click.UsageError("give an AGGREGATE, --upstream NAME, or both")
     try:
+        use_demo_cache(config_file)  # on the demo defaults: the cache `aggregator serve` uses
         settings = Settings() if config_file is None else Settings(config=config_file)
         config = load_config(settings.config)
     except (ConfigError, ValidationError) as exc:

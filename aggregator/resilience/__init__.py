@@ -2,7 +2,9 @@
 
 Each upstream gets one `UpstreamGuard` per worker process (the app builds a `Guards` registry
 from its config). Its state lives in that process only: with N workers an upstream sees N
-breakers that open on their own, N budgets and N concurrency limits (see README, Resilience).
+breakers that open on their own, N budgets and N concurrency limits (see README, Resilience),
+unless `AGGREGATOR_SHARED_RESILIENCE=redis` makes breakers and limits fleet-wide (`shared`, with
+the breaker behind the usual interface in `fleet`), failing open to this local state.
 The state machines are plain objects with an injected clock and no I/O, so tests drive them on
 a fake clock; `upstream.fetch` supplies the attempt (one HTTP call) and `UpstreamGuard.call`
 decides whether it runs, how often, and what a refusal is.

@@ -10,6 +10,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from aggregator.models import SourceResult
+from aggregator.shape import apply_shape
 
 if TYPE_CHECKING:
     from aggregator.config import UpstreamConfig
@@ -23,4 +24,6 @@ def with_fallback(result: SourceResult, upstream: UpstreamConfig) -> SourceResul
     """
     if result.ok or upstream.fallback is None:
         return result
-    return dataclasses.replace(result, data=upstream.fallback_data, fallback=True)
+    # Shaped like a live answer, so a dashboard reads the same fields either way.
+    data = apply_shape(result.name, upstream, upstream.fallback_data)
+    return dataclasses.replace(result, data=data, fallback=True)

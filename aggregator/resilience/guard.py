@@ -4,7 +4,9 @@ A call first needs the bulkhead's room and the breaker's permit (else it is refu
 not contacted); its first attempt runs at once, and only a retriable result enters tenacity's
 loop under the retry policy. The async call and the sync twins' blocking one share the policy
 and the state: the twins are measured against the same protection. State is per worker process
-(see the package docstring); everything takes an injected clock so tests drive it on a fake one.
+(see the package docstring) unless shared fleet-wide (`shared`, opt-in: the async calls take a
+fleet-wide slot too, the sync twins keep the local bulkhead only); everything takes an injected
+clock so tests drive it on a fake one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aggregator.resilience.breaker import (
 )
 from aggregator.resilience.budget import Clock, RetryBudget
 from aggregator.resilience.bulkhead import Bulkhead
+from aggregator.resilience.hedge import Hedger
 from aggregator.resilience.retries import (
     RETRY_IF_RETRIABLE,
     is_retriable,
@@ -36,6 +39,7 @@ from aggregator.resilience.retries import (
 
 if TYPE_CHECKING:
     from aggregator.config import UpstreamConfig
+    from aggregator.resilience.shared import SharedState
 
 # The package's name (was one module): log configurations and tests name this logger.
 logger = logging.getLogger("aggregator.resilience")
@@ -57,19 +61,34 @@ class UpstreamGuard:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         sleep_sync: Callable[[float], None] = time.sleep,
         on_circuit_change: StateListener | None = None,
+        shared: SharedState | None = None,
     ) -> None:
         self.name = name
         self.timeout = upstream.timeout
-        self.retries = upstream.retries
+        # A call that may not be sent twice (a POST not marked idempotent) is never retried.
+        self.retries = upstream.retries if upstream.retriable else 0
         self.backoff = upstream.retry_backoff
         self.budget = RetryBudget(upstream.retry_budget, clock=clock)
-        self.breaker = CircuitBreaker(
-            upstream.breaker_failures,
-            upstream.breaker_cooldown,
-            clock=clock,
-            on_change=on_circuit_change,
-        )
+        if shared is not None and upstream.breaker_failures:
+            self.breaker: CircuitBreaker = shared.breaker(
+                name, upstream, clock=clock, on_change=on_circuit_change
+            )
+        else:
+            self.breaker = CircuitBreaker(
+                upstream.breaker_failures,
+                upstream.breaker_cooldown,
+                clock=clock,
+                on_change=on_circuit_change,
+            )
         self.bulkhead = Bulkhead(upstream.max_concurrency)
+        #: The fleet-wide limit on top of the bulkhead (async calls), when shared and limited.
+        self.shared = shared if upstream.max_concurrency is not None else None
+        # A lease outlives the longest call it covers (its retries included), then expires.
+        self._lease_seconds = upstream.timeout * (1 + self.retries) + 1.0
+        #: Hedged attempts (None: this upstream does not hedge); async calls only.
+        self.hedger = Hedger.build(
+            upstream, bulkhead=self.bulkhead, budget=self.budget, breaker=self.breaker
+        )
         self._clock = clock
         self._sleep = sleep
         self._sleep_sync = sleep_sync
@@ -85,6 +104,14 @@ class UpstreamGuard:
         permit = self._admit()
         if isinstance(permit, UpstreamError):
             return permit
+        lease = ""
+        if self.shared is not None:
+            refused = await self._lease_fleet_slot(permit)
+            if isinstance(refused, UpstreamError):
+                return refused
+            lease = refused
+        if self.hedger is not None:
+            attempt = self.hedger.wrap(attempt)
         try:
             end = self._clock() + self.timeout
             self.budget.record_call()
@@ -110,8 +137,28 @@ class UpstreamGuard:
             raise
         finally:
             self.bulkhead.leave()
+            if lease and self.shared is not None:
+                self.shared.report("release", self.name, lease)
         self._record(permit, result)
         return result
+
+    async def _lease_fleet_slot(self, permit: Permit) -> str | UpstreamError:
+        """A slot of the fleet-wide limit ("" when not enforced now), or the refusal."""
+        assert self.shared is not None and self.bulkhead.limit is not None
+        try:
+            lease = await self.shared.lease(self.name, self.bulkhead.limit, self._lease_seconds)
+        except BaseException:
+            self.breaker.release(permit)
+            self.bulkhead.leave()
+            raise
+        if lease is None:
+            self.breaker.release(permit)
+            self.bulkhead.leave()
+            return UpstreamOverloadedError(
+                self.name,
+                f"already {self.bulkhead.limit} calls in flight across the fleet; refused at once",
+            )
+        return lease
 
     def call_sync(
         self, attempt: SyncAttempt, *, deadline: float | None = None
@@ -204,13 +251,17 @@ class Guards:
         *,
         clock: Clock = time.monotonic,
         circuit_listener: Callable[[str], StateListener | None] | None = None,
+        shared: SharedState | None = None,
     ) -> None:
+        #: The fleet's shared state (None: per worker, the default).
+        self.shared = shared
         self._guards = {
             name: UpstreamGuard(
                 name,
                 up,
                 clock=clock,
                 on_circuit_change=circuit_listener(name) if circuit_listener else None,
+                shared=shared,
             )
             for name, up in upstreams.items()
         }

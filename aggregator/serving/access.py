@@ -22,7 +22,7 @@ access_logger = logging.getLogger("aggregator.access")
 class Stamped:
     """The request's `send`, adding `X-Request-ID` to the response and noting what was sent."""
 
-    __slots__ = ("_send", "_rid", "status", "headers", "size")
+    __slots__ = ("_send", "_rid", "status", "headers", "size", "note")
 
     def __init__(self, send: ASGISendCallable, rid: bytes) -> None:
         self._send = send
@@ -30,6 +30,9 @@ class Stamped:
         self.status = 0  # none sent yet
         self.headers: list[tuple[bytes, bytes]] = []
         self.size = 0
+        #: How a response whose head was sent ended early, if it did: "client left", "cut"
+        #: (by the server), "aborted" (the app raised), "short" (less than its Content-Length).
+        self.note = ""
 
     async def __call__(self, message: ASGISendEvent) -> None:
         if message["type"] == "http.response.body":
@@ -47,8 +50,15 @@ class Stamped:
 
 
 def log_access(scope: HTTPScope, status: int, sent: Stamped, started: float) -> None:
-    """The request's one INFO line. The path is logged as sent (percent-encoded), so a decoded
-    control character can never forge a log line."""
+    """The request's one INFO line, once its response has ended (a stream: at its end). The
+    path is logged as sent (percent-encoded), so a decoded control character can never forge a
+    log line. A response that ended early after its head was sent says how (`Stamped.note`).
+
+    One per request, on the event loop, so it is built directly: the message formatted once
+    (no `%` args left for the handler to merge) and the record handed to the logger's own
+    `handle` (its filters, handlers and propagation as usual) without `Logger.info`'s
+    `findCaller` stack walk, whose answer would always be this function.
+    """
     ms = round((time.perf_counter() - started) * 1000, 1)
     raw_path = scope.get("raw_path")
     path = raw_path.decode("latin-1") if raw_path else quote(scope["path"])
@@ -56,21 +66,25 @@ def log_access(scope: HTTPScope, status: int, sent: Stamped, started: float) -> 
         path = f"{path}?{scope['query_string'].decode('latin-1')}"
     cache = next((v.decode("latin-1") for k, v in sent.headers if k == b"x-cache"), "-")
     client = scope.get("client")
-    access_logger.info(
-        "%s %s %d %d B %.1f ms cache=%s",
-        scope["method"],
-        path,
-        status,
-        sent.size,
-        ms,
-        cache,
-        extra={
-            "method": scope["method"],
-            "path": path,
-            "status": status,
-            "bytes": sent.size,
-            "ms": ms,
-            "cache": cache,
-            "client": client[0] if client else None,
-        },
+    method = scope["method"]
+    extra = {
+        "method": method,
+        "path": path,
+        "status": status,
+        "bytes": sent.size,
+        "ms": ms,
+        "cache": cache,
+        "client": client[0] if client else None,
+    }
+    message = f"{method} {path} {status:d} {sent.size:d} B {ms:.1f} ms cache={cache}"
+    if sent.note:
+        extra["ended"] = sent.note
+        message = f"{message} {sent.note}"
+    record = access_logger.makeRecord(
+        access_logger.name, logging.INFO, __file__, _LINE, message, (), None, "log_access", extra
     )
+    access_logger.handle(record)
+
+
+#: The line records say they were logged from (what `findCaller` would have found).
+_LINE = log_access.__code__.co_firstlineno

@@ -3,9 +3,18 @@
  * It reads the aggregates from the page's `aggregator-meta` data block, builds a form from
  * their parameters, and on every refresh fetches the chosen aggregate, then /status, from this
  * origin. Latency bars come from the answer's Server-Timing header (one entry per source, then
- * `cache` and `total`); a cache hit has no source entries, so the bars then show the times of
- * the fill that stored it, from the envelope. A failing source, a 4xx/5xx or an unreachable
+ * `cache` and `total`), each drawn from where its source started (`start`: a source that needs
+ * another's answer starts after it, a waterfall); a cache hit has no source entries, so the bars
+ * then show the times of the fill that stored it, from the envelope. A failing source, a 4xx/5xx or an unreachable
  * server changes what is drawn, never stops the page: every fetch is caught.
+ *
+ * The answer is asked for as Server-Sent Events (EventSource, same origin): each source's row is
+ * painted the moment its `source` event lands, the others wait as "pending", and the `done`
+ * event (the JSON answer's status, the envelope without `data`, X-Cache, Age, Server-Timing)
+ * gives the same full render as a JSON answer. If the stream fails before `done`, or no event
+ * comes within FIRST_EVENT_MS (a proxy that buffers whole answers), the page fetches the JSON
+ * answer instead; after STREAM_FAILURES_MAX such failures in a row it stops trying to stream
+ * until it is reloaded. A buffered stream still works: it is rendered on `done`.
  */
 "use strict";
 
@@ -28,11 +37,18 @@
     answer: byId("answer"),
   };
   const FETCH_TIMEOUT_MS = 30000;
+  const FIRST_EVENT_MS = 5000;
+  const STREAM_FAILURES_MAX = 2;
   // The page's own address holds these controls next to the parameters; a parameter that
   // shares a control's name is written `param:NAME` there (no parameter name has a colon).
   const CONTROLS = new Set(["aggregate", "refresh", "auto"]);
   const pageKey = (name) => (CONTROLS.has(name) ? `param:${name}` : name);
-  const state = { timer: null, controller: null, refreshes: 0 };
+  const state = {
+    timer: null,
+    controller: null,
+    refreshes: 0,
+    streamFailures: typeof EventSource === "function" ? 0 : STREAM_FAILURES_MAX,
+  };
 
   // -- small DOM helpers (textContent only: nothing from a response is parsed as HTML) -------
 
@@ -135,13 +151,13 @@
 
   // -- fetching ------------------------------------------------------------------------------
 
-  /** Server-Timing: `name;dur=1.2;desc="ok", ...` -> Map(name -> {dur, desc}). */
+  /** Server-Timing: `name;dur=1.2;desc="ok";start=0.1, ...` -> Map(name -> {dur, desc, start}). */
   function parseServerTiming(header) {
     const entries = new Map();
     for (const part of (header || "").split(",")) {
       const [name, ...fields] = part.trim().split(";");
       if (!name) continue;
-      const entry = { dur: null, desc: "" };
+      const entry = { dur: null, desc: "", start: null };
       for (const field of fields) {
         const eq = field.indexOf("=");
         if (eq < 0) continue;
@@ -149,6 +165,7 @@
         const value = field.slice(eq + 1).trim().replace(/^"(.*)"$/, "$1");
         if (key === "dur") entry.dur = Number(value);
         else if (key === "desc") entry.desc = value;
+        else if (key === "start") entry.start = Number(value);
       }
       entries.set(name.trim(), entry);
     }
@@ -177,6 +194,103 @@
     return result;
   }
 
+  /**
+   * The aggregate as Server-Sent Events: rows painted as sources land; resolves with the answer
+   * (as getJson gives one) on `done`, or null when the stream failed or stayed silent.
+   */
+  function streamAnswer(agg, url, signal) {
+    return new Promise((resolve) => {
+      const source = new EventSource(url);
+      const landed = new Map();
+      let settled = false;
+      let waiting = null;
+      const finish = (answer, { counted = true } = {}) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(waiting);
+        source.close();
+        signal.removeEventListener("abort", aborted);
+        if (counted) state.streamFailures = answer ? 0 : state.streamFailures + 1;
+        resolve(answer);
+      };
+      const aborted = () => finish(null, { counted: false }); // a newer refresh, or the timeout
+      signal.addEventListener("abort", aborted);
+      // Nothing at all for a while: a proxy buffers, or the server does not stream. Ask for JSON.
+      waiting = setTimeout(() => finish(null), FIRST_EVENT_MS);
+      source.addEventListener("source", (event) => {
+        clearTimeout(waiting);
+        const data = parseEvent(event);
+        if (!data || typeof data.source !== "string") return;
+        landed.set(data.source, data);
+        paintLanded(agg, landed);
+      });
+      source.addEventListener("done", (event) => {
+        const done = parseEvent(event);
+        finish(done && typeof done.status === "number" ? answerFromDone(url, done, landed) : null);
+      });
+      // A failed connection, a non-200, a JSON answer where events were asked for, or the stream
+      // cut before `done` (EventSource would reconnect: we fetch the JSON answer instead).
+      source.addEventListener("error", () => finish(null));
+    });
+  }
+
+  function parseEvent(event) {
+    try {
+      return JSON.parse(event.data);
+    } catch (parseError) {
+      return null;
+    }
+  }
+
+  /** What getJson gives, rebuilt from `done` and the `source` events (their `data`). */
+  function answerFromDone(url, done, landed) {
+    const { status, x_cache: xCache, age, server_timing: timing, ...rest } = done;
+    const headers = new Headers();
+    if (timing) headers.set("Server-Timing", timing);
+    if (xCache) headers.set("X-Cache", xCache);
+    if (age !== undefined) headers.set("Age", String(age));
+    let body = rest;
+    if ("sources" in rest) {
+      // A view's `done` keeps its `data`; a configured aggregate's comes from its sources.
+      const data = "data" in rest ? rest.data : {};
+      if (!("data" in rest)) {
+        for (const name of Object.keys(rest.sources)) {
+          const event = landed.get(name);
+          if (event && "data" in event) data[name] = event.data;
+        }
+      }
+      body = { data, ...rest };
+    }
+    return { url, status, headers, body, error: null, streamed: true };
+  }
+
+  /** The rows as far as the stream has come: landed sources drawn, the others pending. */
+  function paintLanded(agg, landed) {
+    const names = [...agg.sources, ...[...landed.keys()].filter((n) => !agg.sources.includes(n))];
+    const sources = {};
+    const errors = {};
+    for (const [name, event] of landed) {
+      const { source, data, error, ...info } = event;
+      sources[name] = info;
+      if (error) errors[name] = error;
+    }
+    const rows = names.map((name) => {
+      const info = sources[name];
+      return {
+        name,
+        info,
+        ms: info ? info.ms : null,
+        start: (info && info.started) || 0,
+        live: true,
+        pending: !info,
+      };
+    });
+    const scale = Math.max(1, ...rows.map((row) => row.start + (row.ms || 0)));
+    const envelope = { sources, errors };
+    ui.rows.replaceChildren(...rows.map((row) => drawRow(row, envelope, scale, "…", null)));
+    document.body.dataset.landed = String(landed.size);
+  }
+
   async function refresh() {
     clearTimeout(state.timer);
     state.timer = null;
@@ -191,7 +305,10 @@
     const url = `${meta.root}${agg.path}${search ? `?${search}` : ""}`;
     const giveUp = setTimeout(() => controller.abort(), FETCH_TIMEOUT_MS);
     document.body.dataset.loading = "true";
-    const answer = await getJson(url, controller.signal);
+    const streamed = state.streamFailures < STREAM_FAILURES_MAX;
+    const answer =
+      (streamed && (await streamAnswer(agg, url, controller.signal))) ||
+      (await getJson(url, controller.signal));
     // After the answer, so the circuit state shown includes what this answer did to it.
     const status = await getJson(`${meta.root}/status`, controller.signal);
     clearTimeout(giveUp);
@@ -199,6 +316,7 @@
     state.controller = null;
     delete document.body.dataset.loading;
     render(agg, answer, status);
+    document.body.dataset.via = answer.streamed ? "stream" : "json";
     state.refreshes += 1;
     document.body.dataset.refreshes = String(state.refreshes);
     schedule();
@@ -240,6 +358,12 @@
     } else if (answer.status >= 500) {
       const failed = agg.required.filter((name) => envelope.errors && envelope.errors[name]);
       showBanner("error", `${answer.status}: required source failed: ${failed.join(", ")}`);
+    } else if (envelope.stale && envelope.stale.reason === "refresh_failed") {
+      const stale = envelope.stale;
+      showBanner(
+        "warn",
+        `stale answer, ${Math.round(stale.age)} s old: its refresh failed (${stale.detail || "?"})`,
+      );
     } else {
       showBanner("", "");
     }
@@ -267,6 +391,11 @@
       chips.push(chip("answer", complete ? "complete" : "partial", complete ? "good" : "warn"));
     }
     chips.push(chip("X-Cache", xCache || "off"));
+    if (envelope && envelope.stale) {
+      const failed = envelope.stale.reason === "refresh_failed";
+      const why = failed ? "refresh failed" : "refreshing";
+      chips.push(chip("stale", `${Math.round(envelope.stale.age)} s, ${why}`, failed ? "bad" : "warn"));
+    }
     const cache = timings.get("cache");
     if (cache) chips.push(chip("cache", `${formatMs(cache.dur)} ${cache.desc}`.trim()));
     const total = timings.get("total");
@@ -289,12 +418,14 @@
       const info = envelope && envelope.sources ? envelope.sources[name] : undefined;
       // A hit ran no source: show the stored fill's times, and say so.
       const ms = timing && timing.dur !== null ? timing.dur : info ? info.ms : null;
-      return { name, info, ms, live: Boolean(timing) };
+      // When it started (a source that needs another's answer starts after it): the waterfall.
+      const start = timing && timing.start !== null ? timing.start : info ? info.started : null;
+      return { name, info, ms, start: start || 0, live: Boolean(timing) };
     });
     const total = timings.get("total");
     const scale = Math.max(
       1,
-      ...measured.map((row) => row.ms || 0),
+      ...measured.map((row) => row.start + (row.ms || 0)),
       measured.some((row) => row.live) && total ? total.dur : 0,
     );
     ui.rows.replaceChildren(
@@ -303,8 +434,8 @@
   }
 
   function drawRow(row, envelope, scale, xCache, breakers) {
-    const { name, info, ms, live } = row;
-    const kind = sourceState(info);
+    const { name, info, ms, start, live, pending } = row;
+    const kind = pending ? "pending" : sourceState(info);
     const tr = make("tr", `source ${kind}`);
     tr.dataset.source = name;
     tr.dataset.state = kind;
@@ -312,7 +443,7 @@
 
     const error = envelope && envelope.errors ? envelope.errors[name] : undefined;
     const statusCell = make("td", "status");
-    const badge = make("span", `badge ${kind}`, info ? info.status : "—");
+    const badge = make("span", `badge ${kind}`, info ? info.status : pending ? "…" : "—");
     statusCell.append(badge);
     if (info && info.fallback) statusCell.append(make("span", "badge fallback-flag", "fallback"));
     if (error) {
@@ -323,9 +454,12 @@
     const latency = make("td", "latency");
     const bar = make("div", "bar");
     const fill = make("span", `fill ${kind}`);
-    fill.style.width = `${Math.min(100, ((ms || 0) / scale) * 100).toFixed(1)}%`;
+    const offset = Math.min(100, (start / scale) * 100);
+    fill.style.marginLeft = `${offset.toFixed(1)}%`;
+    fill.style.width = `${Math.min(100 - offset, ((ms || 0) / scale) * 100).toFixed(1)}%`;
     bar.append(fill);
-    const text = ms === null ? "—" : `${formatMs(ms)}${live ? "" : " (stored fill)"}`;
+    const waiting = pending ? "waiting" : "—";
+    const text = ms === null ? waiting : `${formatMs(ms)}${live ? "" : " (stored fill)"}`;
     latency.append(bar, make("span", "ms", text));
 
     const cache = make("td", "cache");

@@ -1,7 +1,7 @@
 """The async upstream call and the shared client it runs on: the one place that calls httpx.
 
 One `httpx.AsyncClient` per worker process, opened on the server loop at lifespan startup
-(DESIGN §1: a client per request costs far more CPU for its TLS context and loses keep-alive).
+(a client per request costs far more CPU for its TLS context and loses keep-alive).
 Code that runs without a server loop (Flask's test client, the CLI) gets a short-lived client
 for its own loop instead: clients are looked up per running loop, never assumed.
 
@@ -52,6 +52,7 @@ from aggregator.upstream.checks import (
     decode,
 )
 from aggregator.upstream.engines import build_client
+from aggregator.upstream.oauth import close_tokens, tokens_for
 
 # The module's old name: log configurations and the README's examples name this logger.
 logger = logging.getLogger("aggregator.upstream")
@@ -82,6 +83,7 @@ class UpstreamClients:
         """Close this loop's shared client (lifespan shutdown)."""
         client = self._by_loop.pop(asyncio.get_running_loop(), None)
         if client is not None:
+            close_tokens(client)
             await client.aclose()
             logger.info("upstream client closed")
 
@@ -118,6 +120,8 @@ async def fetch(
     """
     started = time.perf_counter()
     url = upstream.template.render(params)
+    body_template = upstream.body_template
+    content = None if body_template is None else body_template.render(params)
     attempts = 0
 
     async def attempt(seconds: float) -> SourceResult:
@@ -126,7 +130,9 @@ async def fetch(
         begun = time.perf_counter()
         try:
             async with asyncio.timeout(seconds):
-                body, cache_control = await _get(client, name, url, upstream, max_body)
+                body, cache_control = await _authorized(
+                    client, name, url, upstream, max_body, content
+                )
             data = decode(name, upstream, body)
         except UpstreamError as exc:
             result = _failure(name, exc, started)
@@ -146,6 +152,29 @@ async def fetch(
     return outcome
 
 
+async def _authorized(
+    client: httpx.AsyncClient,
+    name: str,
+    url: str,
+    upstream: UpstreamConfig,
+    max_body: int,
+    content: bytes | None,
+) -> tuple[bytes, CacheControl]:
+    """`_get` with the source's bearer token when it has `oauth`: a 401 gets one more try with
+    a fresh token (a 401 means the request was refused, so a POST may be sent again)."""
+    if upstream.oauth is None:
+        return await _get(client, name, url, upstream, max_body, content)
+    tokens = tokens_for(client).source(upstream.oauth)
+    token = await tokens.token(client, name)
+    try:
+        return await _get(client, name, url, upstream, max_body, content, token)
+    except UpstreamError as exc:
+        if exc.status != 401:
+            raise
+    token = await tokens.refreshed(client, name, token)
+    return await _get(client, name, url, upstream, max_body, content, token)
+
+
 def _timeouts(upstream: UpstreamConfig, seconds: float | None = None) -> httpx.Timeout:
     """Per-phase timeouts, none longer than the `seconds` this attempt has (default: all)."""
     total = upstream.timeout if seconds is None else max(0.001, min(seconds, upstream.timeout))
@@ -153,17 +182,37 @@ def _timeouts(upstream: UpstreamConfig, seconds: float | None = None) -> httpx.T
 
 
 async def _get(
-    client: httpx.AsyncClient, name: str, url: str, upstream: UpstreamConfig, max_body: int
+    client: httpx.AsyncClient,
+    name: str,
+    url: str,
+    upstream: UpstreamConfig,
+    max_body: int,
+    content: bytes | None = None,
+    token: str | None = None,
 ) -> tuple[bytes, CacheControl]:
-    """The decoded body and caching headers of a 2xx answer (the caller bounds the total time)."""
-    redirects = Redirects(
-        name, upstream, url, outgoing_headers(upstream.headers, upstream.forwarded)
-    )
+    """The decoded body and caching headers of a 2xx answer (the caller bounds the total time).
+
+    `content` is a POST's JSON body; `token` an OAuth2 bearer token (dropped with the other
+    headers once a redirect leaves the origin).
+    """
+    headers = outgoing_headers(upstream.headers, upstream.forwarded)
+    if content is not None or token is not None:
+        headers = dict(headers)
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+    redirects = Redirects(name, upstream, url, headers)
     target: str | httpx.URL = url
+    method = upstream.method
     try:
         while True:
             async with client.stream(
-                "GET", target, headers=redirects.headers, timeout=_timeouts(upstream)
+                method,
+                target,
+                content=content,
+                headers=redirects.headers,
+                timeout=_timeouts(upstream),
             ) as resp:
                 hop = redirects.next_hop(resp)
                 if hop is None:
@@ -172,6 +221,8 @@ async def _get(
                         body.add(chunk)
                     return body.value(), _cache_control(resp)
             target = hop
+            if resp.status_code in (301, 302, 303) and method != "GET":
+                method, content = "GET", None  # as browsers and httpx do; 307/308 keep both
     except _CALL_ERRORS as exc:
         raise _call_error(name, upstream, exc) from exc
 

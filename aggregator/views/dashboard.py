@@ -14,18 +14,17 @@ from pathlib import Path
 
 from flask import Blueprint, Flask, Response, render_template, request
 
+from aggregator.engine import current_engine
 from aggregator.models import JSONDict
 from aggregator.routes import DASHBOARD, STATIC_PREFIX
 from aggregator.status import DASHBOARD_CSP, SCOPE_NOTE
+from aggregator.views.status import meta_of
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
-def register(app: Flask, aggregates: list[JSONDict], *, enabled: bool) -> None:
-    """Attach the page and its assets when enabled; otherwise `/` and `/static/` are 404s.
-
-    `aggregates` (`status.aggregates_meta`) never changes, so it is built once.
-    """
+def register(app: Flask, *, enabled: bool) -> None:
+    """Attach the page and its assets when enabled; otherwise `/` and `/static/` are 404s."""
     if not enabled:
         return
     bp = Blueprint("dashboard", __name__, static_folder=STATIC_DIR, static_url_path=STATIC_PREFIX)
@@ -33,6 +32,7 @@ def register(app: Flask, aggregates: list[JSONDict], *, enabled: bool) -> None:
     @bp.get(DASHBOARD)
     def page() -> Response:
         """The page; the script reads the aggregates from its `aggregator-meta` data block."""
+        aggregates = meta_of(current_engine())
         meta = {"root": request.script_root, "aggregates": aggregates, "scope_note": SCOPE_NOTE}
         return _page(meta)
 

@@ -8,25 +8,37 @@ document to an outside service, is turned off.
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, Response
+import weakref
+
+from flask import Blueprint, Flask, Response, current_app
 from flask_swagger_ui import get_swaggerui_blueprint  # type: ignore[import-untyped]
 
-from aggregator.config import AppConfig
+from aggregator.engine import Engine, current_engine
 from aggregator.openapi import build_openapi
 from aggregator.routes import DOCS, OPENAPI, SYNC_POOL_PREFIX, SYNC_PREFIX
 
 
-def register(app: Flask, config: AppConfig, *, dashboard: bool) -> None:
-    """Build the document once (the config is read once) and attach both routes."""
-    document = build_openapi(
-        config, sync_prefixes=(SYNC_PREFIX, SYNC_POOL_PREFIX), dashboard=dashboard
-    )
-    body = app.json.dumps(document).encode()
+def register(app: Flask, *, dashboard: bool, twins: bool = True) -> None:
+    """Attach both routes; the document is built on first request, once per engine (its
+    config, views included, never changes), so views decorated after this call are in it.
+    `twins`: the sync twins' routes are served (`create_app`), so list them."""
+    prefixes = (SYNC_PREFIX, SYNC_POOL_PREFIX) if twins else ()
+    bodies: weakref.WeakKeyDictionary[Engine, bytes] = weakref.WeakKeyDictionary()
     bp = Blueprint("docs", __name__)
 
     @bp.get(OPENAPI)
     def openapi() -> Response:
         """The OpenAPI 3.1 document of this deployment's aggregates, admin and health routes."""
+        engine = current_engine()
+        body = bodies.get(engine)
+        if body is None:
+            document = build_openapi(
+                engine.config,
+                sync_prefixes=prefixes,
+                dashboard=dashboard,
+                views=engine.fill.views,
+            )
+            body = bodies[engine] = current_app.json.dumps(document).encode()
         return Response(body, mimetype="application/json")
 
     app.register_blueprint(bp)

@@ -22,12 +22,16 @@ def error_response(status: int, message: str, **fields: object) -> Response:
     return response
 
 
-def init_app(app: Flask) -> None:
-    """Register the JSON handlers."""
+def init_app(app: Flask, *, every_error: bool = True) -> None:
+    """Register the JSON handlers: for a bad parameter, and (`every_error`) for every other
+    failure too; the `Aggregator` extension leaves an app's own errors to the app."""
 
     @app.errorhandler(InvalidRequestError)
     def _invalid(exc: InvalidRequestError) -> Response:
         return error_response(exc.status, f"{exc.field}: {exc.reason}", field=exc.field)
+
+    if not every_error:
+        return
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:

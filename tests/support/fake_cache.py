@@ -15,7 +15,9 @@ from aggregator.cache.backends import build_cache
 from aggregator.cache.headers import Answer
 from aggregator.cache.store import CacheStore
 from aggregator.config import parse_config
+from aggregator.models import SourceResult, SourceStatus
 from aggregator.params import ParamValue
+from aggregator.progress import Listener
 from aggregator.settings import Settings
 
 CONFIG = """
@@ -48,9 +50,14 @@ class Upstream:
         self.complete = True
         self.delay = 0.0
 
-    async def fill(self, name: str, params: Mapping[str, ParamValue]) -> Filled:
+    async def fill(
+        self, name: str, params: Mapping[str, ParamValue], *, listener: Listener | None = None
+    ) -> Filled:
         self.calls += 1
         await asyncio.sleep(self.delay)
+        if listener is not None:  # its one source landed
+            status: SourceStatus = "ok" if self.status == 200 else "connect"
+            listener("a", SourceResult(name="a", status=status, ms=1))
         errors = {} if self.status == 200 else {"a": {"kind": "connect", "detail": "x"}}
         body = json.dumps(
             {

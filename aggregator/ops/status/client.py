@@ -24,8 +24,12 @@ from aggregator.errors import StatusError
 from aggregator.metrics import REFUSED_KINDS
 from aggregator.ops.http import describe_http_error
 
-#: `aggregator_circuit_state` values, as the view names them.
-CIRCUIT_NAMES = {0: "closed", 1: "half-open", 2: "open"}
+#: `aggregator_circuit_state`'s `state` labels as the view names them, best first: with several
+#: workers each state's series is 1 when any live worker's breaker is in it, and the view shows
+#: the worst. (The numbers: the gauge's values before it had one series per state.)
+CIRCUIT_NAMES = {"closed": "closed", "half_open": "half-open", "open": "open"}
+_OLD_CIRCUIT_VALUES = {0: "closed", 1: "half_open", 2: "open"}
+_CIRCUIT_ORDER = list(CIRCUIT_NAMES)
 
 
 @dataclass(slots=True)
@@ -62,7 +66,8 @@ class Buckets:
 class SourceStats:
     calls: Buckets = field(default_factory=Buckets)
     errors: dict[str, float] = field(default_factory=dict)
-    circuit: float | None = None
+    #: The breaker's state (`closed`, `half_open`, `open`; the worst worker's), None: unknown.
+    circuit: str | None = None
 
     @property
     def requests(self) -> float:
@@ -179,7 +184,16 @@ def _take(snap: Snapshot, name: str, labels: dict[str, Any], value: float) -> No
         elif name == "aggregator_source_errors_total":
             stats.errors[labels["kind"]] = value
         elif name == "aggregator_circuit_state":
-            stats.circuit = value
+            state = labels.get("state")
+            if state is None:  # a server from before one series per state
+                state = _OLD_CIRCUIT_VALUES.get(int(value))
+            elif value < 1:
+                return
+            if state in CIRCUIT_NAMES and (
+                stats.circuit is None
+                or _CIRCUIT_ORDER.index(state) > _CIRCUIT_ORDER.index(stats.circuit)
+            ):
+                stats.circuit = state
     elif aggregate is not None:
         agg = snap.aggregates.setdefault(aggregate, AggregateStats())
         if name == "aggregator_requests_total":

@@ -82,7 +82,7 @@ def render(snap: Snapshot, url: str, seconds: float | None = None) -> Group:
 def _sources_table(snap: Snapshot, seconds: float | None) -> Table:
     table = _table("sources", "source", "circuit", "requests", "req/s", "errors", "error kinds")
     for name, stats in sorted(snap.sources.items()):
-        circuit = CIRCUIT_NAMES.get(int(stats.circuit), "?") if stats.circuit is not None else "-"
+        circuit = CIRCUIT_NAMES.get(stats.circuit, "?") if stats.circuit is not None else "-"
         errors = sum(stats.errors.values())
         kinds = ", ".join(f"{k} {n:g}" for k, n in sorted(stats.errors.items()) if n)
         table.add_row(

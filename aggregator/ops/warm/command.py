@@ -9,9 +9,10 @@ from pathlib import Path
 import click
 from pydantic import ValidationError
 
-from aggregator.errors import ConfigError, WarmError
+from aggregator.errors import AppRefError, ConfigError, WarmError
 from aggregator.log import configure_logging
-from aggregator.ops.options import config_option, key_values_callback
+from aggregator.ops.demo_defaults import use_demo_cache
+from aggregator.ops.options import app_option, config_option, key_values_callback
 
 
 @click.command()
@@ -34,8 +35,22 @@ from aggregator.ops.options import config_option, key_values_callback
 @click.option(
     "--url", help="Warm through this deployment's POST /admin/warm, e.g. http://host:8000."
 )
+@click.option(
+    "--token",
+    envvar="AGGREGATOR_ADMIN_TOKEN",
+    show_envvar=True,
+    metavar="TOKEN",
+    help="The servers' admin token, for --url [default: $AGGREGATOR_ADMIN_TOKEN]; never shown.",
+)
 @config_option
-@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(min=1))
+@app_option
+@click.option(
+    "--concurrency",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Targets warmed at once.",
+)
 @click.option(
     "--rate",
     type=click.FloatRange(min=0, min_open=True),
@@ -69,7 +84,9 @@ def warm(
     all_targets: bool,
     targets_file: Path | None,
     url: str | None,
+    token: str | None,
     config_file: Path | None,
+    app_ref: str | None,
     concurrency: int,
     rate: float | None,
     timeout: float,
@@ -86,10 +103,10 @@ def warm(
     "params": {...}}, or TOML [[targets]] tables). Every target is validated before the first is
     warmed; duplicates are warmed once.
 
-    With --url, warms through a running deployment (POST /admin/warm, token from
+    With --url, warms through a running deployment (POST /admin/warm, token from --token or
     AGGREGATOR_ADMIN_TOKEN); without, builds the app with the servers' AGGREGATOR_* settings and
     fills their shared cache (filesystem, redis) directly. A per-process (simple) cache cannot
-    be warmed either way.
+    be warmed either way (--dry-run shows the targets with any cache, and says so).
 
     Exit 0 when every target was warmed (or skipped as fresh), 1 when some failed or were
     partial, 2 for bad usage, config or targets or a deployment that cannot be warmed, 130 when
@@ -112,8 +129,9 @@ def warm(
         all_targets=all_targets,
         targets_file=targets_file,
         url=url,
-        token=os.environ.get("AGGREGATOR_ADMIN_TOKEN"),
+        token=token or None,
         config_file=config_file,
+        app_ref=app_ref,
         options=RunOptions(
             concurrency=concurrency,
             rate=rate,
@@ -126,8 +144,10 @@ def warm(
     )
     configure_logging(os.environ.get("AGGREGATOR_LOG_LEVEL", "WARNING"))
     try:
+        if url is None:  # direct, on the demo defaults: the cache `aggregator serve` uses
+            use_demo_cache(config_file, app_ref)
         code = warming.run(request)
-    except (WarmError, ConfigError, ValidationError) as exc:
+    except (WarmError, ConfigError, ValidationError, AppRefError) as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the run began

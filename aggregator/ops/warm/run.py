@@ -20,11 +20,13 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from aggregator.config import AppConfig, load_config
 from aggregator.errors import NotWarmableError, WarmError
+from aggregator.ops.options import app_engine
 from aggregator.ops.warm.report import (
     Reporter,
     RunReport,
@@ -38,6 +40,9 @@ from aggregator.ops.warm.targets import Target, collect_targets
 from aggregator.ops.warm.warmers import DirectWarmer, HttpWarmer, RunOptions, warm_targets
 from aggregator.settings import Settings
 
+if TYPE_CHECKING:
+    from aggregator.engine import Engine
+
 
 @dataclass(frozen=True, slots=True)
 class WarmRequest:
@@ -50,6 +55,7 @@ class WarmRequest:
     url: str | None = None
     token: str | None = None
     config_file: Path | None = None
+    app_ref: str | None = None  # `--app`: a developer's app, whose engine has its own config
     options: RunOptions = RunOptions()
     dry_run: bool = False
     json_path: str | None = None  # "-": stdout, and no other output there
@@ -60,9 +66,21 @@ def run(request: WarmRequest) -> int:
 
     Raises WarmError (or ConfigError) for anything that stops the run before it starts.
     """
-    settings = Settings() if request.config_file is None else Settings(config=request.config_file)
-    config = load_config(settings.config)
-    source = str(settings.config) if settings.config else "the bundled demo config"
+    engine: Engine | None = None
+    if request.app_ref is not None:
+        if request.config_file is not None:
+            raise WarmError("give --app or --config, not both (the app has its own sources)")
+        try:
+            engine = app_engine(request.app_ref)
+        except ValueError as exc:
+            raise WarmError(str(exc)) from None
+        settings, config, source = engine.settings, engine.config, request.app_ref
+    else:
+        settings = (
+            Settings() if request.config_file is None else Settings(config=request.config_file)
+        )
+        config = load_config(settings.config)
+        source = str(settings.config) if settings.config else "the bundled demo config"
     targets, dropped = collect_targets(
         config,
         aggregate=request.aggregate,
@@ -83,6 +101,9 @@ def run(request: WarmRequest) -> int:
         for target in targets:
             print(f"would warm {target.label}", file=human)
         print(f"dry run: {what} would be warmed {where}; nothing contacted", file=human)
+        refusal = _refusal(request, settings)
+        if refusal is not None:
+            print(f"a real run would be refused: {refusal}", file=human)
         result = RunReport([TargetReport(t) for t in targets], dry_run=True)
         write_json(result, request.json_path)
         return 0
@@ -94,7 +115,7 @@ def run(request: WarmRequest) -> int:
                 _with_signals(lambda stop: _run_http(request, targets, reporter, stop))
             )
         else:
-            result = _run_direct(settings, config, targets, request.options, reporter)
+            result = _run_direct(settings, config, targets, request.options, reporter, engine)
     except BaseException:
         reporter.abandon()  # give the terminal back before the error is printed
         raise
@@ -117,12 +138,25 @@ def _check_mode(request: WarmRequest, settings: Settings) -> str:
             raise WarmError(f"--url must look like http://host:8000, got {request.url!r}")
         if not request.token and not request.dry_run:
             raise NotWarmableError(
-                "set AGGREGATOR_ADMIN_TOKEN to the servers' admin token to warm through --url"
+                "pass --token (or set AGGREGATOR_ADMIN_TOKEN) with the servers' admin token to "
+                "warm through --url"
             )
         return f"through {request.url}"
-    if settings.cache_type in ("simple", "null"):
+    if settings.cache_type in ("simple", "null") and not request.dry_run:
         raise NotWarmableError(_per_process(settings.cache_type))
     return f"directly in the {settings.cache_type} cache"
+
+
+def _refusal(request: WarmRequest, settings: Settings) -> str | None:
+    """Why a real run of this dry run would be refused (a dry run contacts nothing, so it
+    shows its targets whatever the cache or token), or None."""
+    if request.url is not None:
+        return (
+            None if request.token else "no admin token (pass --token or set AGGREGATOR_ADMIN_TOKEN)"
+        )
+    if settings.cache_type in ("simple", "null"):
+        return _per_process(settings.cache_type)
+    return None
 
 
 def _per_process(cache_type: str) -> str:
@@ -163,13 +197,16 @@ def _run_direct(
     targets: Sequence[Target],
     options: RunOptions,
     reporter: Reporter,
+    engine: Engine | None = None,
 ) -> RunReport:
-    """Build the engine as a server would, then warm its shared cache on one loop."""
+    """Build the engine as a server would (or use the --app's), then warm its shared cache on
+    one loop."""
     from aggregator.engine import Engine
 
     # Blocking set-up (backend clients), before the loop. Metrics off: this process is not a
     # server (its numbers would be nobody's, or land in the servers' multiprocess directory).
-    engine = Engine.build(settings.model_copy(update={"metrics": "off"}), config)
+    if engine is None:
+        engine = Engine.build(settings.model_copy(update={"metrics": "off"}), config)
     if not engine.store.shared:
         engine.close()
         raise NotWarmableError(_per_process(settings.cache_type))
