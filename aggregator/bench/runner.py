@@ -46,6 +46,21 @@ def _upstreams(workload: Workload) -> Iterator[tuple[DemoProcess, Path, Path]]:
             yield demo, config, work
 
 
+def _server(
+    target: Target, options: Options, demo: DemoProcess, config: Path, work: Path
+) -> ServerProcess:
+    """A target's server on the run's upstreams (peers get their URLs from the environment)."""
+    return ServerProcess(
+        target,
+        config,
+        work,
+        options.threads,
+        peer_env(target, options.workload.upstreams(demo.url)),
+        app=options.app,
+        demo_url=demo.url,
+    )
+
+
 def run_bench(options: Options, progress: Progress) -> BenchResult:
     """Measure every target at every level, `reps` times, interleaved."""
     result = BenchResult(options, machine_info(options.tool, app=options.app is not None))
@@ -61,15 +76,7 @@ def run_bench(options: Options, progress: Progress) -> BenchResult:
             for target in options.targets:
                 if target.server_name not in servers:
                     progress(f"starting {target.server_name}")
-                    servers[target.server_name] = ServerProcess(
-                        target,
-                        config,
-                        work,
-                        options.threads,
-                        peer_env(target, workload.upstreams(demo.url)),
-                        app=options.app,
-                        demo_url=demo.url,
-                    )
+                    servers[target.server_name] = _server(target, options, demo, config, work)
             for server in servers.values():
                 server.wait_ready()
             _warm_up(options, servers, demo, progress, result)
@@ -178,15 +185,7 @@ def compare_generators(
     pairs: list[tuple[int, LoadResult, LoadResult]] = []
     workload = options.workload
     with _upstreams(workload) as (demo, config, work):
-        server = ServerProcess(
-            target,
-            config,
-            work,
-            options.threads,
-            peer_env(target, workload.upstreams(demo.url)),
-            app=options.app,
-            demo_url=demo.url,
-        )
+        server = _server(target, options, demo, config, work)
         try:
             server.wait_ready()
             url = server.base_url + target.path

@@ -90,15 +90,7 @@ def server_command(
     if target.server in ("fastapi", "fastapi-plain"):
         module = "fastapi_app" if target.server == "fastapi" else "fastapi_plain"
         if target.hypercorn:  # Hypercorn's own access log is off unless configured
-            return py + [
-                "hypercorn",
-                f"--bind=127.0.0.1:{port}",
-                "--workers=1",
-                f"--backlog={BACKLOG}",
-                f"--keep-alive={KEEP_ALIVE}",
-                f"--worker-class={target.event_loop or default_worker_class()}",
-                f"aggregator.bench.{module}:app",
-            ]
+            return py + _hypercorn(target, port, f"aggregator.bench.{module}:app")
         return py + [
             "uvicorn",
             f"aggregator.bench.{module}:app",
@@ -110,14 +102,19 @@ def server_command(
             "--log-level=warning",
             f"--loop={target.event_loop or 'auto'}",
         ]
-    return py + [
+    return py + _hypercorn(target, port, "aggregator.ops.serve:worker_app()")
+
+
+def _hypercorn(target: Target, port: int, app: str) -> list[str]:
+    """One Hypercorn worker with the bench's socket settings, ours and the `+hypercorn` peer's."""
+    return [
         "hypercorn",
         f"--bind=127.0.0.1:{port}",
         "--workers=1",
         f"--backlog={BACKLOG}",
         f"--keep-alive={KEEP_ALIVE}",
         f"--worker-class={target.event_loop or default_worker_class()}",
-        "aggregator.ops.serve:worker_app()",
+        app,
     ]
 
 

@@ -199,8 +199,7 @@ def _failed(name: str, detail: str) -> UpstreamAuthError:
 class Tokens:
     """Every credential's `TokenSource` on one client (one per worker and loop)."""
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
-        self.clock = clock
+    def __init__(self) -> None:
         self._sources: dict[Credential, TokenSource] = {}
 
     def source(self, oauth: OAuthConfig) -> TokenSource:
@@ -214,7 +213,7 @@ class Tokens:
         )
         found = self._sources.get(key)
         if found is None:
-            found = self._sources[key] = TokenSource(oauth, clock=self.clock)
+            found = self._sources[key] = TokenSource(oauth)
         return found
 
     def close(self) -> None:
