@@ -1,4 +1,5 @@
-"""The async upstream call and the shared client it runs on: the one place that calls httpx.
+"""The async upstream call and the shared client it runs on: the one place that calls httpx
+(`aggregator.upstream.request` builds and sends each request).
 
 One `httpx.AsyncClient` per worker process, opened on the server loop at lifespan startup
 (a client per request costs far more CPU for its TLS context and loses keep-alive).
@@ -53,6 +54,7 @@ from aggregator.upstream.checks import (
 )
 from aggregator.upstream.engines import build_client
 from aggregator.upstream.oauth import close_tokens, tokens_for
+from aggregator.upstream.request import build_request, send, upstream_url
 
 # The module's old name: log configurations and the README's examples name this logger.
 logger = logging.getLogger("aggregator.upstream")
@@ -203,23 +205,22 @@ async def _get(
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
     redirects = Redirects(name, upstream, url, headers)
-    target: str | httpx.URL = url
+    target = upstream_url(upstream.template, url)
     method = upstream.method
+    timeout = _timeouts(upstream)
     try:
         while True:
-            async with client.stream(
-                method,
-                target,
-                content=content,
-                headers=redirects.headers,
-                timeout=_timeouts(upstream),
-            ) as resp:
+            request = build_request(client, method, target, redirects.headers, timeout, content)
+            resp = await send(client, request)
+            try:
                 hop = redirects.next_hop(resp)
                 if hop is None:
                     body = _accept(name, resp, max_body)
                     async for chunk in resp.aiter_raw():
                         body.add(chunk)
                     return body.value(), _cache_control(resp)
+            finally:
+                await resp.aclose()
             target = hop
             if resp.status_code in (301, 302, 303) and method != "GET":
                 method, content = "GET", None  # as browsers and httpx do; 307/308 keep both
