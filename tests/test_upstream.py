@@ -610,6 +610,9 @@ sources = ["checked", "raw"]
         "t.toml",
     )
     caplog.set_level(logging.DEBUG)
+    # our own DEBUG line per call, whatever an earlier test's logging set-up left
+    caplog.set_level(logging.DEBUG, logger="aggregator")
+    monkeypatch.setattr(logging.getLogger("aggregator"), "propagate", True)
 
     results = [
         await fetch(engine_client, name, config.upstreams[name], {}, max_body=10_000)
