@@ -5,7 +5,7 @@ Separates what the apps cost from what their servers cost (docs/benchmarks.md, i
     .venv/bin/python docs/aggregate-cost.py [--reps 5] [--n 1500] [--profile ours|peer]
 
 One process, uvloop, both ASGI apps started (lifespan) side by side on one loop with the bench's
-config (5 demo sources, 2 KB each, 0 ms: no waiting, only work), the shipped settings (INFO
+config (5 demo sources, 2 KB each, 0 ms unless `--latency`: only work), the shipped settings (INFO
 access log, metrics, GC tuned) for ours; 64 requests at once, reps interleaved. CPU is this
 process's `time.process_time` per aggregate (the demo runs in its own process), median
 (min-max). `--profile` runs one side under cProfile and prints its top entries instead;
