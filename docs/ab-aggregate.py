@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -23,10 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 
+from aggregator.bench.load_tools import run_load
 from aggregator.bench.plan import Workload
+from aggregator.bench.servers import cpu_seconds, probe
 from aggregator.demo.process import free_port, start_demo_process
 
 PATH = "/bench?city=Paris&user_id=7"
@@ -41,35 +41,19 @@ def serve(tree: Path, port: int, config: Path, log: Path) -> subprocess.Popen[by
 
 def wait_ready(port: int) -> None:
     for _ in range(150):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if probe(port, "/healthz", 1.0) == 200:
+            return
         time.sleep(0.2)
     raise SystemExit(f"server on {port} did not start")
 
 
-def cpu(process: psutil.Process) -> float:
-    """CPU seconds of the server and any process it started (a worker, a metrics listener)."""
-    total = 0.0
-    for each in [process, *process.children(recursive=True)]:
-        times = each.cpu_times()
-        total += times.user + times.system
-    return total
-
-
 def run(port: int, process: psutil.Process, duration: int, concurrency: int) -> tuple[float, float]:
-    before = cpu(process)
-    out = subprocess.run(
-        ["wrk", "-t2", f"-c{concurrency}", f"-d{duration}s", f"http://127.0.0.1:{port}{PATH}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    used = cpu(process) - before
-    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    return requests / duration, used / max(requests, 1) * 1000
+    """One wrk run: requests/s and the server's CPU ms per request (its children included)."""
+    processes = [process, *process.children(recursive=True)]
+    before = cpu_seconds(processes)
+    load = run_load("wrk", f"http://127.0.0.1:{port}{PATH}", concurrency, duration)
+    used = cpu_seconds(processes) - before
+    return load.rps, used / max(load.requests, 1) * 1000
 
 
 def main() -> None:

@@ -73,7 +73,9 @@ def _origin(template: UrlTemplate) -> httpx.URL | None:
     try:
         origin = httpx.URL(template.origin)
         for sample in _SAMPLES:
-            rendered = template.render(_Filled(sample))
+            rendered = template.render(
+                dict.fromkeys([*template.names, *(ref.text for ref in template.fields)], sample)
+            )
             slotted = _slotted(origin, rendered[len(template.origin) :])
             if slotted._uri_reference != httpx.URL(rendered)._uri_reference:
                 return None
@@ -88,14 +90,3 @@ def _slotted(origin: httpx.URL, rest: str) -> httpx.URL:
     url = httpx.URL.__new__(httpx.URL)
     url._uri_reference = origin._uri_reference._replace(path=path, query=query if mark else None)
     return url
-
-
-class _Filled(dict[str, object]):
-    """Every placeholder's value is `value` (to render a template with sample values)."""
-
-    def __init__(self, value: str) -> None:
-        super().__init__()
-        self.value = value
-
-    def __missing__(self, key: str) -> object:
-        return self.value
